@@ -1,0 +1,124 @@
+"""A tiny, randomly initialised Stable Diffusion pipeline built in code, for tests and benches.
+
+No weights are downloaded: every component is built from a small config with a fixed seed.
+Memorization is not the point of this model (see ``memedit.testbed`` for the one that
+memorizes); it exercises shapes, hooks, baking and export in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def _byte_vocab_tokenizer():
+    """A CLIP BPE tokenizer over single characters plus a few merged words."""
+    from transformers import CLIPTokenizer
+
+    chars = [chr(c) for c in range(33, 127)]
+    words = ["a", "the", "of", "red", "blue", "cat", "dog", "photo", "painting"]
+    vocab: dict[str, int] = {}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(token, len(vocab))
+    merges = []
+    for word in words:
+        # Merge a word left to right so that the BPE reaches the whole word with </w>.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)))
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77
+        )
+    assert len(tokenizer) == len(vocab), "tokenizer lost its vocabulary"
+    return tokenizer
+
+
+def build_tiny_pipeline(seed: int = 0, with_transformer_blocks: bool = True):
+    """A StableDiffusionPipeline of about 1 M parameters: 4 transformer blocks in the UNet.
+
+    ``with_transformer_blocks=False`` builds a UNet with no cross-attention blocks at all,
+    which memedit must refuse.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    down = ("DownBlock2D", "CrossAttnDownBlock2D") if with_transformer_blocks else (
+        "DownBlock2D", "DownBlock2D")
+    up = ("CrossAttnUpBlock2D", "UpBlock2D") if with_transformer_blocks else (
+        "UpBlock2D", "UpBlock2D")
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=down,
+        up_block_types=up,
+        mid_block_type="UNetMidBlock2DCrossAttn" if with_transformer_blocks else None,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    tokenizer = _byte_vocab_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        vae=vae,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_pipeline(folder: str | Path, seed: int = 0, **kwargs) -> Path:
+    """Build the tiny pipeline and ``save_pretrained`` it (safetensors) into ``folder``."""
+    folder = Path(folder)
+    build_tiny_pipeline(seed, **kwargs).save_pretrained(folder, safe_serialization=True)
+    return folder
