@@ -1,0 +1,50 @@
+"""memedit: locate the weights a diffusion model uses to reproduce its training images, and
+delete them (Chavhan et al., "Memorized Images in Diffusion Models share a Subspace that can be
+Located and Deleted", 2024).
+
+    >>> import memedit
+    >>> pipe, source = memedit.load_pipeline("path/to/stable-diffusion")
+    >>> subspace = memedit.locate(pipe, memedit.read_prompts("memorized.jsonl"), source=source)
+    >>> memedit.bake(source.spec, subspace, "sanitized-model")
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("memedit")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0+unknown"
+
+from memedit.baking import BakeResult, apply_subspace, bake
+from memedit.compare import compare_subspaces
+from memedit.errors import MemeditError
+from memedit.inspection import verify_sanitized
+from memedit.loading import load_pipeline, resolve_model
+from memedit.locate import LocateConfig, locate, record_statistics, select_subspace
+from memedit.prompts import PromptSet, empty_reference, read_prompts
+from memedit.sampling import SamplingConfig
+from memedit.statistics import ActivationStats, merge_stats
+from memedit.subspace import Subspace
+
+__all__ = [
+    "ActivationStats",
+    "BakeResult",
+    "LocateConfig",
+    "MemeditError",
+    "PromptSet",
+    "SamplingConfig",
+    "Subspace",
+    "__version__",
+    "apply_subspace",
+    "bake",
+    "compare_subspaces",
+    "empty_reference",
+    "load_pipeline",
+    "locate",
+    "merge_stats",
+    "read_prompts",
+    "record_statistics",
+    "resolve_model",
+    "select_subspace",
+    "verify_sanitized",
+]

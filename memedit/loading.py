@@ -185,7 +185,7 @@ def load_pipeline(
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = DiffusionPipeline.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise MemeditError(
             f"diffusers could not load {source.path}: {err}",
             "Check that the folder is a complete pipeline written by save_pretrained.",

@@ -49,7 +49,12 @@ def build_tiny_pipeline(seed: int = 0, with_transformer_blocks: bool = True):
     ``with_transformer_blocks=False`` builds a UNet with no cross-attention blocks at all,
     which memedit must refuse.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)

@@ -1,0 +1,121 @@
+"""Bake: zero the subspace's weights once and write a complete diffusers pipeline folder.
+
+The source model is never touched: the folder is copied to a temporary sibling of the output,
+the weight files holding masked tensors are rewritten there, the subspace is stored alongside
+(``memedit/``) for provenance and audits, and the folder is moved into place in one rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from memedit.errors import MemeditError
+from memedit.loading import ModelSource, resolve_model
+from memedit.outputs import atomic_output_dir
+from memedit.subspace import Subspace
+from memedit.weights import read_tensors, rewrite_component, split_key, tensor_sha256
+
+PROVENANCE_DIR = "memedit"
+PROVENANCE_FILE = "sanitized.json"
+
+
+@dataclass
+class BakeResult:
+    path: Path
+    source: str
+    zeroed: int
+    files: list[str] = field(default_factory=list)
+    already_sanitized: bool = False
+
+
+def apply_subspace(pipe, subspace: Subspace) -> int:
+    """Zero the masked weights of a loaded pipeline in place; returns how many were masked."""
+    for key, mask in subspace.masks.items():
+        component, name = split_key(key)
+        try:
+            param = getattr(pipe, component).get_parameter(name)
+        except AttributeError:
+            raise MemeditError(f"The pipeline has no parameter {key}.",
+                               "This subspace was located on a model of another layout.") from None
+        if tuple(param.shape) != tuple(mask.shape):
+            raise MemeditError(f"{key} has shape {tuple(param.shape)}, the subspace "
+                               f"{tuple(mask.shape)}.",
+                               "This subspace was located on another model.")
+        param.data.masked_fill_(mask.to(param.device), 0)
+    return subspace.num_selected
+
+
+def check_model_matches(source: ModelSource, subspace: Subspace,
+                        allow_pickle: bool = False) -> bool:
+    """Refuse a model whose edited tensors differ from those the subspace was located on.
+
+    Returns True when the model is already sanitized with this subspace (baking again is a
+    no-op on the weights: bake is idempotent).
+    """
+    recorded = subspace.manifest.get("model", {}).get("tensors", {})
+    stored = read_tensors(source.path, list(subspace.masks), allow_pickle)
+    already = True
+    for key, mask in subspace.masks.items():
+        if key not in stored:
+            raise MemeditError(f"{source.spec} has no tensor {key}.",
+                               "This subspace was located on a model of another layout.")
+        if tuple(stored[key].shape) != tuple(mask.shape):
+            raise MemeditError(
+                f"{key} has shape {tuple(stored[key].shape)} in {source.spec} but "
+                f"{tuple(mask.shape)} in the subspace.",
+                "This subspace was located on another model: locate again on this one.")
+        digest = tensor_sha256(stored[key])
+        expected = recorded.get(key, {})
+        if digest == expected.get("sha256_after"):
+            continue
+        already = False
+        if expected and digest != expected.get("sha256_before"):
+            raise MemeditError(
+                f"{key} in {source.spec} differs from the weights the subspace was located on "
+                "(sha256 mismatch).",
+                "Locate again on this model, or bake the model the subspace came from.")
+    return already
+
+
+def _copy_tree(source: Path, target: Path, progress: bool) -> None:
+    """Copy a pipeline folder (following hub-cache symlinks) without memedit provenance."""
+    files = [p for p in sorted(source.rglob("*"))
+             if p.is_file() and PROVENANCE_DIR not in p.relative_to(source).parts[:1]]
+    for path in tqdm(files, desc="copying model", unit="file", disable=not progress):
+        destination = target / path.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, destination)  # follows symlinks; copies content only
+
+
+def bake(model: str | os.PathLike | None, subspace: Subspace, out: str | os.PathLike,
+         overwrite: bool = False, allow_pickle: bool = False, progress: bool = True) -> BakeResult:
+    """Write ``model`` with ``subspace`` zeroed to the new pipeline folder ``out``."""
+    source = resolve_model(model, allow_pickle)
+    already = check_model_matches(source, subspace, allow_pickle)
+    by_component: dict[str, dict] = {}
+    for key, mask in subspace.masks.items():
+        component, name = split_key(key)
+        by_component.setdefault(component, {})[name] = mask
+    from memedit import __version__
+
+    with atomic_output_dir(Path(out), overwrite, source=source.path) as tmp:
+        _copy_tree(source.path, tmp, progress)
+        written = []
+        for component, masks in by_component.items():
+            written += rewrite_component(tmp / component, masks, allow_pickle)
+        subspace.write_into(tmp / PROVENANCE_DIR)
+        provenance = {
+            "memedit_version": __version__,
+            "source": {"spec": source.spec, "hub_id": source.hub_id, "path": str(source.path)},
+            "edited_files": [str(p.relative_to(tmp)) for p in written],
+            "zeroed": subspace.num_selected,
+        }
+        (tmp / PROVENANCE_DIR / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+        files = [str(p.relative_to(tmp)) for p in written]
+    return BakeResult(Path(out), source.spec, subspace.num_selected, files, already)

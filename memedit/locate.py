@@ -1,0 +1,224 @@
+"""Locate: record activation statistics for the memorized and the reference prompts, then
+select the weights memorized prompts lean on and reference prompts do not."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import platform
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from memedit.errors import MemeditError
+from memedit.hooks import ActivationRecorder, StopDenoising
+from memedit.loading import ModelSource
+from memedit.prompts import PromptSet, empty_reference
+from memedit.sampling import SamplingConfig, batches, run_pipeline
+from memedit.selection import GRANULARITIES, select_layer
+from memedit.statistics import ActivationStats
+from memedit.subspace import FORMAT, FORMAT_VERSION, Subspace
+from memedit.targets import TARGET_KINDS, TargetLayer, find_target_layers, parse_target_kinds
+from memedit.weights import read_tensors, split_key, tensor_sha256, zero_masked
+
+
+@dataclass(frozen=True)
+class LocateConfig:
+    """The method's hyperparameters; defaults are the authors' best memorization setting."""
+
+    targets: tuple[str, ...] = ("ff_out",)
+    k: float = 0.01
+    tau: int = 10
+    rho: float = 0.0
+    granularity: str = "weight"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def validate(self) -> None:
+        parse_target_kinds(self.targets)
+        if not 0 < self.k <= 1:
+            raise MemeditError(f"k must be in (0, 1], got {self.k}.",
+                               "k is a fraction of each layer's inputs: the authors use 0.01.")
+        if self.tau < 1:
+            raise MemeditError(f"tau must be at least 1, got {self.tau}.",
+                               "tau counts the first UNet calls to aggregate: default 10.")
+        if not 0 <= self.rho < 1:
+            raise MemeditError(f"rho must be in [0, 1), got {self.rho}.",
+                               "rho = 0 keeps the union over the tau calls.")
+        if self.granularity not in GRANULARITIES:
+            raise MemeditError(f"Unknown granularity {self.granularity!r}.",
+                               f"Use one of {', '.join(GRANULARITIES)}.")
+        if self.sampling.batch_size < 1 or self.sampling.steps < 1:
+            raise MemeditError("--batch-size and --steps must be at least 1.",
+                               "Pass positive numbers.")
+
+
+def unet_calls_per_image(pipe, steps: int) -> int:
+    """How many times the pipeline calls the UNet for ``steps`` (PNDM: 50 steps = 51 calls)."""
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
+def _hash_weights(pipe, source: ModelSource | None, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors as stored in the model's files (as loaded, for an in-memory pipeline)."""
+    if source is not None:
+        return read_tensors(source.path, keys)
+    out = {}
+    for key in keys:
+        component, name = split_key(key)
+        out[key] = getattr(pipe, component).get_parameter(name).detach().cpu()
+    return out
+
+
+def model_fingerprint(pipe, source: ModelSource | None, layers: list[TargetLayer]) -> str:
+    """One hash over the targeted weights: statistics of different models never merge."""
+    tensors = _hash_weights(pipe, source, [layer.key for layer in layers])
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(f"{key}={tensor_sha256(tensors[key])};".encode())
+    return digest.hexdigest()
+
+
+def _settings(pipe, source, layers, config: LocateConfig, unet_calls: int) -> dict:
+    return {
+        "model_fingerprint": model_fingerprint(pipe, source, layers),
+        "scheduler": type(pipe.scheduler).__name__,
+        "steps": config.sampling.steps,
+        "guidance_scale": config.sampling.guidance_scale,
+        "seed": config.sampling.seed,
+        "height": config.sampling.height,
+        "width": config.sampling.width,
+        "targets": list(config.targets),
+        "unet_calls": unet_calls,
+    }
+
+
+def record_statistics(pipe, prompts: PromptSet, config: LocateConfig,
+                      source: ModelSource | None = None, progress: bool = True) -> ActivationStats:
+    """Denoise ``prompts`` for the first tau UNet calls only, recording the target layers.
+
+    Every prompt uses the same seed (the authors' protocol), in batches of
+    ``config.sampling.batch_size``; both guidance halves pass through the hooks.
+    """
+    config.validate()
+    if not len(prompts):
+        raise MemeditError(f"The prompt set {prompts.name} is empty.", "Pass at least one prompt.")
+    layers = find_target_layers(pipe, config.targets)
+    available = unet_calls_per_image(pipe, config.sampling.steps)
+    if config.tau > available:
+        raise MemeditError(
+            f"tau = {config.tau} exceeds the {available} UNet calls of {config.sampling.steps} "
+            "denoising steps.",
+            f"Lower --tau to at most {available}, or raise --steps.",
+        )
+    needs_unet = any(layer.component == "unet" for layer, _ in layers)
+    unet_calls = config.tau if needs_unet else 0
+    prompt_batches = list(batches(prompts.prompts, config.sampling.batch_size))
+    bar = tqdm(total=len(prompt_batches) * max(unet_calls, 1), disable=not progress,
+               desc=f"recording {prompts.name}", unit="UNet call")
+    recorder = ActivationRecorder(pipe, layers, unet_calls, on_unet_call=lambda: bar.update(1))
+    with recorder, torch.inference_mode():
+        for batch in prompt_batches:
+            recorder.start_pipeline_call()
+            try:
+                run_pipeline(pipe, batch, [config.sampling.seed] * len(batch), config.sampling,
+                             output_type="latent")
+            except StopDenoising:
+                pass
+            if not needs_unet:
+                bar.update(1)
+    bar.close()
+    return ActivationStats(
+        {key: value.cpu() for key, value in recorder.sumsq.items()},
+        len(prompts),
+        _settings(pipe, source, [layer for layer, _ in layers], config, unet_calls),
+        [{"name": prompts.name, "count": len(prompts), "sha256": prompts.sha256}],
+    )
+
+
+def select_subspace(pipe, memorized: ActivationStats, reference: ActivationStats,
+                    config: LocateConfig, source: ModelSource | None = None) -> Subspace:
+    """Turn the two sets' statistics into masks (method steps 4-6) and a manifest."""
+    config.validate()
+    if memorized.settings != reference.settings:
+        raise MemeditError(
+            "The memorized and reference statistics were recorded with different settings.",
+            "Record both with the same model, sampler and --targets.")
+    layers = find_target_layers(pipe, config.targets)
+    fingerprint = model_fingerprint(pipe, source, [layer for layer, _ in layers])
+    if memorized.settings.get("model_fingerprint") != fingerprint:
+        raise MemeditError("These statistics were recorded on another model.",
+                           "Record statistics on the model you locate on.")
+    if memorized.settings["unet_calls"] and config.tau > memorized.settings["unet_calls"]:
+        raise MemeditError(
+            f"tau = {config.tau} exceeds the {memorized.settings['unet_calls']} UNet calls "
+            "the statistics hold.", "Lower --tau or record again with a larger one.")
+    norms_mem, norms_ref = memorized.column_norms(), reference.column_norms()
+    masks = {}
+    for layer, module in layers:
+        if layer.key not in norms_mem:
+            raise MemeditError(f"The statistics have no entry for {layer.key}.",
+                               "Record them with the same --targets.")
+        masks[layer.key] = select_layer(module.weight.detach().cpu(), norms_mem[layer.key],
+                                        norms_ref[layer.key], config.k, config.tau, config.rho,
+                                        config.granularity).cpu()
+    return Subspace(masks, build_manifest(pipe, source, masks, config, memorized, reference))
+
+
+def build_manifest(pipe, source: ModelSource | None, masks: dict[str, torch.Tensor],
+                   config: LocateConfig, memorized: ActivationStats,
+                   reference: ActivationStats) -> dict:
+    from memedit import __version__
+
+    stored = _hash_weights(pipe, source, list(masks))
+    tensors = {
+        key: {"shape": list(stored[key].shape), "dtype": str(stored[key].dtype).split(".")[-1],
+              "sha256_before": tensor_sha256(stored[key]),
+              "sha256_after": tensor_sha256(zero_masked(stored[key], masks[key]))}
+        for key in masks
+    }
+    layers = {key: {"selected": int(m.sum()), "total": m.numel(),
+                    "fraction": float(m.sum()) / m.numel()} for key, m in masks.items()}
+    selected = sum(v["selected"] for v in layers.values())
+    total = sum(v["total"] for v in layers.values())
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "memedit_version": __version__,
+        "method": {
+            "name": "wanda-contrast (Chavhan et al. 2024, ConceptPrune protocol)",
+            "targets": {t: TARGET_KINDS[t].description for t in config.targets},
+            "k": config.k, "tau": config.tau, "rho": config.rho,
+            "granularity": config.granularity,
+            "sampling": asdict(config.sampling),
+            "scheduler": type(pipe.scheduler).__name__,
+        },
+        "model": {
+            "spec": source.spec if source else None,
+            "hub_id": source.hub_id if source else None,
+            "path": str(source.path) if source else None,
+            "tensors": tensors,
+        },
+        "prompts": {"memorized": memorized.prompt_sets, "reference": reference.prompt_sets},
+        "layers": layers,
+        "total": {"selected": selected, "total": total,
+                  "fraction": selected / total if total else 0.0},
+        "environment": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def locate(pipe, memorized: PromptSet, reference: PromptSet | None = None,
+           config: LocateConfig | None = None, source: ModelSource | None = None,
+           progress: bool = True) -> Subspace:
+    """Find the memorization subspace of ``pipe``.
+
+    ``reference`` defaults to the empty prompt (the authors' default). Since every prompt uses
+    the same seed and statistics are normalised by prompt count, one empty prompt gives exactly
+    the statistics of one empty prompt per memorized prompt, at a fraction of the cost.
+    """
+    config = config or LocateConfig()
+    reference = reference if reference is not None else empty_reference(1)
+    stats_mem = record_statistics(pipe, memorized, config, source, progress)
+    stats_ref = record_statistics(pipe, reference, config, source, progress)
+    return select_subspace(pipe, stats_mem, stats_ref, config, source)

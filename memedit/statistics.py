@@ -1,0 +1,103 @@
+"""Activation statistics of one prompt set: per layer and UNet call, the column sums of squares
+of the row-normalised FFN inputs. They are sums, so runs over other prompts (or on other
+machines) merge by addition; they are saved as safetensors with their settings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from memedit.errors import MemeditError
+from memedit.outputs import atomic_write_bytes
+
+FORMAT = "memedit-activation-stats"
+
+
+@dataclass
+class ActivationStats:
+    """Column sums of squares for one prompt set.
+
+    ``sumsq[layer_key]`` has shape [calls, in_features]. ``settings`` (model, sampling,
+    targets) must agree for two statistics to be merged; ``prompt_sets`` lists the
+    (name, count, sha256) of every prompt set summed in.
+    """
+
+    sumsq: dict[str, torch.Tensor]
+    num_prompts: int
+    settings: dict
+    prompt_sets: list[dict] = field(default_factory=list)
+
+    def column_norms(self) -> dict[str, torch.Tensor]:
+        """a[t, j] = sqrt(sum of squares / number of prompts).
+
+        Dividing by the prompt count makes sets of different sizes comparable; with equal
+        counts (the authors' setting) it scales both sets alike and changes no selection.
+        """
+        return {key: (value / max(self.num_prompts, 1)).sqrt() for key, value in self.sumsq.items()}
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        """The statistics of both prompt sets together (exact: sums add)."""
+        if self.settings != other.settings:
+            diff = sorted(k for k in set(self.settings) | set(other.settings)
+                          if self.settings.get(k) != other.settings.get(k))
+            raise MemeditError(
+                f"These statistics were recorded with different settings ({', '.join(diff)}).",
+                "Only statistics of the same model, sampler and targets can be merged.",
+            )
+        if self.sumsq.keys() != other.sumsq.keys():
+            raise MemeditError("These statistics cover different layers.",
+                               "Record both with the same --targets.")
+        return ActivationStats(
+            {key: self.sumsq[key] + other.sumsq[key].to(self.sumsq[key].device)
+             for key in self.sumsq},
+            self.num_prompts + other.num_prompts,
+            dict(self.settings),
+            self.prompt_sets + other.prompt_sets,
+        )
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        path = Path(path)
+        metadata = {
+            "format": FORMAT,
+            "num_prompts": str(self.num_prompts),
+            "settings": json.dumps(self.settings, sort_keys=True),
+            "prompt_sets": json.dumps(self.prompt_sets),
+        }
+        tensors = {key: value.detach().cpu().contiguous() for key, value in self.sumsq.items()}
+        atomic_write_bytes(path, save(tensors, metadata=metadata), overwrite=overwrite)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ActivationStats:
+        path = Path(path)
+        if not path.is_file():
+            raise MemeditError(f"Statistics file {path} does not exist.",
+                               "Pass a file written by `memedit locate --save-stats`.")
+        try:
+            with safe_open(str(path), "pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except Exception as err:  # safetensors raises its own error types
+            raise MemeditError(f"{path} is not a safetensors file: {err}",
+                               "Pass a file written by `memedit locate --save-stats`.") from None
+        if metadata.get("format") != FORMAT:
+            raise MemeditError(f"{path} is not a memedit statistics file.",
+                               "Pass a file written by `memedit locate --save-stats`.")
+        return cls(tensors, int(metadata["num_prompts"]), json.loads(metadata["settings"]),
+                   json.loads(metadata["prompt_sets"]))
+
+
+def merge_stats(stats: Sequence[ActivationStats]) -> ActivationStats:
+    """Merge any number of statistics files of the same model and settings."""
+    if not stats:
+        raise ValueError("nothing to merge")
+    merged = stats[0]
+    for other in stats[1:]:
+        merged = merged.merge(other)
+    return merged
