@@ -40,7 +40,7 @@ def provenance(model_dir: Path) -> dict | None:
 
 
 def _original_state(folder: Path, name: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """The original file a sanitized weight file came from (a pickle may have become safetensors)."""
+    """The original of a sanitized weight file (a pickle may have become safetensors)."""
     candidate = folder / name
     if candidate.is_file():
         return read_state(candidate)

@@ -3,6 +3,7 @@ select the weights memorized prompts lean on and reference prompts do not."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import platform
@@ -121,11 +122,9 @@ def record_statistics(pipe, prompts: PromptSet, config: LocateConfig,
     with recorder, torch.inference_mode():
         for batch in prompt_batches:
             recorder.start_pipeline_call()
-            try:
+            with contextlib.suppress(StopDenoising):
                 run_pipeline(pipe, batch, [config.sampling.seed] * len(batch), config.sampling,
                              output_type="latent")
-            except StopDenoising:
-                pass
             if not needs_unet:
                 bar.update(1)
     bar.close()

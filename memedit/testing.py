@@ -26,7 +26,7 @@ def _byte_vocab_tokenizer():
     merges = []
     for word in words:
         # Merge a word left to right so that the BPE reaches the whole word with </w>.
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = [*word[:-1], word[-1] + "</w>"]
         while len(pieces) > 1:
             merges.append(f"{pieces[0]} {pieces[1]}")
             pieces = [pieces[0] + pieces[1], *pieces[2:]]

@@ -1,0 +1,317 @@
+"""The ``memedit`` command line: a thin layer over the Python API (see ``memedit/__init__``).
+
+Every command prints a readable table, or JSON with ``--json`` (stdout stays machine-readable:
+progress bars and messages go to stderr). User errors exit with status 2 and a hint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+from tabulate import tabulate
+
+from memedit.errors import MemeditError
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+class MemeditGroup(click.Group):
+    """Turns MemeditError into a clean message (no traceback) with exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MemeditError as err:
+            raise UserError(str(err)) from None
+
+
+def emit(data: dict, as_json: bool, render) -> None:
+    """Print ``data`` as JSON, or through ``render`` (a callable returning text)."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(render(data))
+
+
+def model_options(func):
+    @click.option("--model", default=None, metavar="FOLDER|HUB_ID",
+                  help="Diffusers pipeline folder or hub id. Default: the embedded test model.")
+    @click.option("--device", default="auto", show_default=True,
+                  help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+    @click.option("--dtype", default="auto", show_default=True,
+                  type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+                  help="auto: float16 on CUDA, float32 on CPU.")
+    @click.option("--allow-pickle", is_flag=True,
+                  help="Also load pickled checkpoints (.bin/.ckpt). Unpickling can run code.")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def method_options(func):
+    @click.option("--memorized", type=click.Path(path_type=Path), default=None,
+                  help="Memorized prompts (.txt, .jsonl with prompt/caption, .csv). Default with "
+                       "the embedded model: its locate half.")
+    @click.option("--reference", type=click.Path(path_type=Path), default=None,
+                  help="Reference prompts. Default: the empty prompt (the authors' choice).")
+    @click.option("--memorized-stats", multiple=True, type=click.Path(path_type=Path),
+                  help="Use saved statistics instead of --memorized (repeat to merge).")
+    @click.option("--reference-stats", multiple=True, type=click.Path(path_type=Path),
+                  help="Use saved statistics instead of --reference (repeat to merge).")
+    @click.option("--save-stats", type=click.Path(path_type=Path), default=None,
+                  help="Folder to save both sets' statistics in (to merge runs later).")
+    @click.option("--targets", default="ff_out", show_default=True,
+                  help="Layers to edit, comma-separated: ff_out, ff_in, attn2_k, attn2_v, "
+                       "text_mlp.")
+    @click.option("--k", "k", type=float, default=0.01, show_default=True,
+                  help="Fraction of each layer's inputs kept per output row and step.")
+    @click.option("--tau", type=int, default=10, show_default=True,
+                  help="Number of first (noisiest) UNet calls aggregated.")
+    @click.option("--rho", type=float, default=0.0, show_default=True,
+                  help="Keep weights flagged in more than rho*tau calls (0: union).")
+    @click.option("--granularity", type=click.Choice(["weight", "neuron"]), default="weight",
+                  show_default=True, help="Single weights, or whole input columns (neurons).")
+    @sampling_options
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def sampling_options(func):
+    @click.option("--steps", type=int, default=50, show_default=True,
+                  help="Denoising steps of the pipeline's scheduler.")
+    @click.option("--guidance-scale", type=float, default=7.5, show_default=True)
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--batch-size", type=int, default=8, show_default=True,
+                  help="Prompts per pipeline call.")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+@click.group(cls=MemeditGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="memedit")
+def cli() -> None:
+    """Locate the weights a diffusion model uses to reproduce its training images, and delete
+    them (Chavhan et al. 2024). Start with `memedit locate-and-bake --out sanitized`."""
+
+
+def _locate(opts: dict):
+    """Shared by `locate` and `locate-and-bake`: returns (subspace, source)."""
+    from memedit.loading import load_pipeline
+    from memedit.locate import LocateConfig, record_statistics, select_subspace
+    from memedit.prompts import empty_reference, read_prompts
+    from memedit.sampling import SamplingConfig
+    from memedit.statistics import ActivationStats, merge_stats
+    from memedit.targets import parse_target_kinds
+
+    config = LocateConfig(
+        targets=parse_target_kinds(opts["targets"]), k=opts["k"], tau=opts["tau"],
+        rho=opts["rho"], granularity=opts["granularity"],
+        sampling=SamplingConfig(steps=opts["steps"], guidance_scale=opts["guidance_scale"],
+                                seed=opts["seed"], batch_size=opts["batch_size"]))
+    config.validate()
+    if opts["memorized"] and opts["memorized_stats"]:
+        raise MemeditError("Pass --memorized or --memorized-stats, not both.",
+                           "Statistics files replace the prompt file.")
+    memorized = reference = None
+    if not opts["memorized_stats"]:
+        path = opts["memorized"]
+        if path is None:
+            if opts["model"] is not None:
+                raise MemeditError("--memorized is required for a model other than the "
+                                   "embedded one.", "Pass a file of memorized prompts.")
+            from memedit.testbed import prompt_file
+
+            path = prompt_file("memorized_locate")
+        memorized = read_prompts(path, name="memorized")
+    if not opts["reference_stats"]:
+        reference = (read_prompts(opts["reference"], name="reference") if opts["reference"]
+                     else empty_reference(1))
+    pipe, source = load_pipeline(opts["model"], opts["device"], opts["dtype"],
+                                 opts["allow_pickle"])
+    stats_mem = (merge_stats([ActivationStats.load(p) for p in opts["memorized_stats"]])
+                 if opts["memorized_stats"] else record_statistics(pipe, memorized, config, source))
+    stats_ref = (merge_stats([ActivationStats.load(p) for p in opts["reference_stats"]])
+                 if opts["reference_stats"] else record_statistics(pipe, reference, config, source))
+    if opts["save_stats"]:
+        folder = opts["save_stats"]
+        stats_mem.save(folder / "memorized.stats.safetensors", overwrite=opts["overwrite"])
+        stats_ref.save(folder / "reference.stats.safetensors", overwrite=opts["overwrite"])
+    return select_subspace(pipe, stats_mem, stats_ref, config, source), source
+
+
+def _subspace_summary(subspace) -> dict:
+    return {"method": subspace.manifest["method"], "model": subspace.manifest["model"]["spec"],
+            "prompts": subspace.manifest["prompts"], "layers": subspace.layer_counts(),
+            "total": subspace.totals()}
+
+
+def _render_subspace(summary: dict) -> str:
+    rows = [[key, f"{v['selected']:,}", f"{v['total']:,}", f"{100 * v['fraction']:.3f}%"]
+            for key, v in summary["layers"].items()]
+    total = summary["total"]
+    rows.append(["total", f"{total['selected']:,}", f"{total['total']:,}",
+                 f"{100 * total['fraction']:.3f}%"])
+    method = summary["method"]
+    head = (f"model: {summary['model']}\nmethod: k={method['k']} tau={method['tau']} "
+            f"rho={method['rho']} granularity={method['granularity']} "
+            f"targets={','.join(method['targets'])}\n")
+    return head + tabulate(rows, headers=["tensor", "zeroed", "of", "fraction"],
+                           colalign=("left", "right", "right", "right"))
+
+
+@cli.command("locate")
+@model_options
+@method_options
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder to write the subspace to (masks.safetensors + subspace.json).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def locate_command(out: Path, as_json: bool, **opts) -> None:
+    """Find the memorization subspace and save it (apply it later with `memedit bake`)."""
+    from memedit.outputs import check_output_dir
+
+    check_output_dir(out, opts["overwrite"])
+    subspace, _ = _locate(opts)
+    subspace.save(out, overwrite=opts["overwrite"])
+    summary = _subspace_summary(subspace) | {"subspace": str(out)}
+    emit(summary, as_json, lambda s: _render_subspace(s) + f"\nsubspace written to {out}")
+
+
+@cli.command("locate-and-bake")
+@model_options
+@method_options
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder to write the sanitized pipeline to.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def locate_and_bake_command(out: Path, as_json: bool, **opts) -> None:
+    """Locate the subspace and write the model with it zeroed, in one go."""
+    from memedit.baking import bake
+    from memedit.loading import resolve_model
+    from memedit.outputs import check_output_dir
+
+    # Fail on a bad output before minutes of sampling, not after.
+    check_output_dir(out, opts["overwrite"], resolve_model(opts["model"]).path)
+    subspace, source = _locate(opts)
+    result = bake(source.spec if opts["model"] else None, subspace, out, opts["overwrite"],
+                  opts["allow_pickle"])
+    summary = _subspace_summary(subspace) | {"sanitized_model": str(result.path),
+                                             "edited_files": result.files}
+    emit(summary, as_json,
+         lambda s: _render_subspace(s) + f"\nsanitized model written to {result.path}")
+
+
+@cli.command("bake")
+@click.option("--model", default=None, metavar="FOLDER|HUB_ID",
+              help="The model the subspace was located on. Default: the embedded test model.")
+@click.option("--subspace", type=click.Path(path_type=Path), required=True,
+              help="A folder written by `memedit locate`.")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--allow-pickle", is_flag=True, help="Also read pickled checkpoints.")
+@click.option("--json", "as_json", is_flag=True)
+def bake_command(model: str | None, subspace: Path, out: Path, overwrite: bool,
+                 allow_pickle: bool, as_json: bool) -> None:
+    """Zero a saved subspace in a model and write the sanitized pipeline folder."""
+    from memedit.baking import bake
+    from memedit.subspace import Subspace
+
+    result = bake(model, Subspace.load(subspace), out, overwrite, allow_pickle)
+    data = {"sanitized_model": str(result.path), "source": result.source,
+            "zeroed": result.zeroed, "edited_files": result.files,
+            "already_sanitized": result.already_sanitized}
+    emit(data, as_json, lambda d: tabulate(list(d.items()), tablefmt="plain"))
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--original", default=None,
+              help="For a sanitized model: the original to verify it against (default: the "
+                   "source recorded at bake time).")
+@click.option("--no-verify", is_flag=True, help="Only summarise; skip the weight-by-weight check.")
+@click.option("--json", "as_json", is_flag=True)
+def inspect_command(path: Path, original: str | None, no_verify: bool, as_json: bool) -> None:
+    """Summarise a subspace or a sanitized model; verify a sanitized model against its original
+    (exit status 1 if any weight differs other than the masked ones being zero)."""
+    from memedit.inspection import provenance, verify_sanitized
+    from memedit.subspace import Subspace
+
+    subspace = Subspace.load(path)
+    summary = _subspace_summary(subspace)
+    info = provenance(path)
+    verification = None
+    if info is not None and not no_verify:
+        verification = verify_sanitized(path, original)
+        summary["verification"] = {
+            "original": verification.original, "ok": verification.ok,
+            "tensors_checked": verification.tensors_checked,
+            "edited_tensors": verification.edited_tensors, "zeroed": verification.zeroed,
+            "other_files_checked": verification.files_checked,
+            "problems": verification.problems}
+
+    def render(s: dict) -> str:
+        text = _render_subspace(s)
+        if "verification" in s:
+            v = s["verification"]
+            text += (f"\n\nverified against {v['original']}: "
+                     f"{'OK' if v['ok'] else 'FAILED'} ({v['tensors_checked']} tensors, "
+                     f"{v['edited_tensors']} edited, {v['zeroed']:,} weights zeroed, "
+                     f"{v['other_files_checked']} other files)")
+            text += "".join(f"\n  - {p}" for p in v["problems"][:20])
+        return text
+
+    emit(summary, as_json, render)
+    if verification is not None and not verification.ok:
+        sys.exit(1)
+
+
+@cli.command("compare")
+@click.argument("first", type=click.Path(path_type=Path))
+@click.argument("second", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def compare_command(first: Path, second: Path, as_json: bool) -> None:
+    """Per-layer IoU of two subspaces (do different memorized sets find the same weights?)."""
+    from memedit.compare import compare_subspaces
+    from memedit.subspace import Subspace
+
+    rows, total = compare_subspaces(Subspace.load(first), Subspace.load(second))
+    data = {"layers": [{"tensor": r.key, "a": r.selected_a, "b": r.selected_b,
+                        "intersection": r.intersection, "iou": r.iou} for r in rows],
+            "total": {"a": total.selected_a, "b": total.selected_b,
+                      "intersection": total.intersection, "iou": total.iou}}
+    emit(data, as_json, lambda d: tabulate(
+        [[r["tensor"], r["a"], r["b"], r["intersection"], f"{r['iou']:.3f}"]
+         for r in d["layers"]] + [["total", total.selected_a, total.selected_b,
+                                   total.intersection, f"{total.iou:.3f}"]],
+        headers=["tensor", "A", "B", "A∩B", "IoU"]))
+
+
+@cli.command("merge-stats")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--overwrite", is_flag=True)
+def merge_stats_command(files: tuple[Path, ...], out: Path, overwrite: bool) -> None:
+    """Merge statistics saved by `locate --save-stats` (runs over other prompts or machines)."""
+    from memedit.statistics import ActivationStats, merge_stats
+
+    merged = merge_stats([ActivationStats.load(p) for p in files])
+    merged.save(out, overwrite=overwrite)
+    click.echo(f"{len(files)} files, {merged.num_prompts} prompts -> {out}")
+
+
+def main() -> None:
+    cli()
