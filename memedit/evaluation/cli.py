@@ -1,0 +1,304 @@
+"""Click commands ``evaluate``, ``sweep`` and ``detect`` (registered in ``memedit.cli``).
+
+They raise :class:`memedit.errors.MemeditError` for anything the user can fix; the top-level
+CLI prints it with its hint.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from memedit.errors import MemeditError
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise MemeditError(f"{what} must be comma-separated numbers, got {text!r}.",
+                           f"For example {what} 0.005,0.01,0.02.") from None
+    if not values:
+        raise MemeditError(f"{what} is empty.", "Give at least one number.")
+    return values
+
+
+def _seeds(count: int, start: int) -> tuple[int, ...]:
+    if count < 1:
+        raise MemeditError("--seeds must be at least 1.", "Pass the number of seeds per prompt.")
+    return tuple(range(start, start + count))
+
+
+def sampling_options(func):
+    """Options shared by every command that samples."""
+    options = [
+        click.option("--steps", default=50, show_default=True, help="Denoising steps."),
+        click.option("--guidance", default=7.5, show_default=True,
+                     help="Classifier-free guidance scale."),
+        click.option("--batch-size", default=8, show_default=True),
+        click.option("--seeds", "seed_count", default=4, show_default=True,
+                     help="Seeds per memorized prompt (the detector uses them too)."),
+        click.option("--seed-start", default=100, show_default=True,
+                     help="First seed; seeds are consecutive. Away from the locate seed (0)."),
+        click.option("--detector-steps", default=5, show_default=True,
+                     help="First denoising steps the detector averages over."),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--dtype", default="auto", show_default=True),
+        click.option("--allow-pickle", is_flag=True, help="Load pickled checkpoints (unsafe)."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), func)
+
+
+def evaluation_options(func):
+    """Options of ``evaluate`` and ``sweep``."""
+    options = [
+        click.option("--memorized", required=True, type=click.Path(path_type=Path),
+                     help="Memorized prompts to report as held out (JSONL with `image` "
+                          "fields for similarity)."),
+        click.option("--ordinary", required=True, type=click.Path(path_type=Path),
+                     help="Ordinary prompts, for utility and as the detector's negatives."),
+        click.option("--locate-prompts", type=click.Path(path_type=Path),
+                     help="The prompts the edit was located on, reported separately."),
+        click.option("--locate-fraction", default=0.5, show_default=True,
+                     help="With --k and no --locate-prompts: locate on this first part of "
+                          "--memorized, hold out the rest."),
+        click.option("--k", "ks", help="Comma-separated k values: locate once per k on the "
+                                       "locate prompts and evaluate each (a sweep)."),
+        click.option("--reference", type=click.Path(path_type=Path),
+                     help="Sweep: reference prompts for locating (default: the empty prompt)."),
+        click.option("--tau", default=10, show_default=True, help="Sweep: locate's tau."),
+        click.option("--targets", default="ff_out", show_default=True,
+                     help="Sweep: locate's target layers."),
+        click.option("--controls", default="auto", show_default=True,
+                     help="random,nemo | none | auto (every control the inputs allow)."),
+        click.option("--nemo-z", default=3.0, show_default=True,
+                     help="NeMo: z-score above which a to_v channel is an outlier."),
+        click.option("--nemo-max", default=10, show_default=True,
+                     help="NeMo: at most this many channels per memorized prompt."),
+        click.option("--ordinary-seeds", default=1, show_default=True,
+                     help="Seeds per ordinary prompt."),
+        click.option("--measure", type=click.Choice(["auto", "sscd", "mse", "ssim"]),
+                     default="auto", show_default=True,
+                     help="Primary similarity: auto = sscd with --sscd, else mse."),
+        click.option("--sscd", type=click.Path(path_type=Path),
+                     help="SSCD TorchScript file (sscd_disc_mixup.torchscript.pt)."),
+        click.option("--threshold", "thresholds",
+                     help="Comma-separated thresholds for the primary measure "
+                          "(default: sscd 0.7,0.5; mse 0.01)."),
+        click.option("--gt-aggregate", type=click.Choice(["max", "mean"]), default="max",
+                     show_default=True, help="Over a prompt's several training images."),
+        click.option("--clip", "clip_dir", type=click.Path(path_type=Path),
+                     help="Local CLIP model folder for the CLIP score."),
+        click.option("--grid-prompts", default=4, show_default=True),
+        click.option("--out", required=True, type=click.Path(path_type=Path),
+                     help="Folder for report.json, table.txt, grid.png, sweep.png."),
+        click.option("--overwrite", is_flag=True),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), func)
+
+
+def _settings(options: dict, measure: str):
+    from memedit.evaluation.harness import EvalSettings
+    from memedit.sampling import SamplingConfig
+
+    sampling = SamplingConfig(steps=options["steps"], guidance_scale=options["guidance"],
+                              batch_size=options["batch_size"])
+    return EvalSettings(
+        sampling=sampling,
+        seeds=_seeds(options["seed_count"], options["seed_start"]),
+        ordinary_seeds=_seeds(options["ordinary_seeds"], options["seed_start"]),
+        measure=measure,
+        thresholds=_floats(options["thresholds"], "--threshold"),
+        gt_aggregate=options["gt_aggregate"],
+        detector_steps=options["detector_steps"],
+        grid_prompts=options["grid_prompts"],
+        progress=not options["quiet"],
+    )
+
+
+def _controls(text: str) -> tuple[str, ...] | None:
+    """``None`` means "auto"."""
+    if text == "auto":
+        return None
+    if text == "none":
+        return ()
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    unknown = [c for c in names if c not in ("random", "nemo")]
+    if unknown:
+        raise MemeditError(f"Unknown control {', '.join(unknown)}.",
+                           "Use random, nemo, none or auto.")
+    return names
+
+
+def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
+    """Shared body of ``evaluate`` and ``sweep``."""
+    from memedit.evaluation import figures, report
+    from memedit.evaluation.harness import Inputs, evaluate, split_memorized, sweep
+    from memedit.evaluation.similarity import SSCD
+    from memedit.evaluation.utility import CLIPScorer
+    from memedit.loading import load_pipeline
+    from memedit.locate import LocateConfig
+    from memedit.outputs import atomic_output_dir, check_output_dir
+    from memedit.prompts import read_prompts
+    from memedit.subspace import Subspace
+    from memedit.targets import parse_target_kinds
+
+    ks = _floats(options["ks"], "--k")
+    if sweep_mode and ks is None:
+        raise MemeditError("A sweep needs the k values.", "Pass --k 0.005,0.01,0.02.")
+    out = check_output_dir(options["out"], options["overwrite"])
+    measure = options["measure"]
+    if measure == "auto":
+        measure = "sscd" if options["sscd"] else "mse"
+    settings = _settings(options, measure)
+    memorized = read_prompts(options["memorized"], "memorized")
+    ordinary = read_prompts(options["ordinary"], "ordinary")
+    locate_prompts = (read_prompts(options["locate_prompts"], "locate")
+                      if options["locate_prompts"] else None)
+    if ks is not None and locate_prompts is None:
+        locate_prompts, memorized = split_memorized(memorized, options["locate_fraction"])
+    device = options["device"]
+    sscd = SSCD(options["sscd"]) if options["sscd"] else None
+    clip = CLIPScorer(options["clip_dir"]) if options["clip_dir"] else None
+    inputs = Inputs(memorized, ordinary, locate_prompts, sscd, clip)
+    controls = _controls(options["controls"])
+    nemo = {"z_threshold": options["nemo_z"], "max_per_prompt": options["nemo_max"]}
+    load = functools.partial(load_pipeline, device=device, dtype=options["dtype"],
+                             allow_pickle=options["allow_pickle"])
+    if ks is not None:
+        # Sweep: --model is the original; every edit is applied in memory.
+        pipe, source = load(model)
+        config = LocateConfig(targets=parse_target_kinds(options["targets"]),
+                              tau=options["tau"], sampling=settings.sampling)
+        reference = read_prompts(options["reference"], "reference") \
+            if options["reference"] else None
+        result = sweep(pipe, inputs, settings, ks, config, reference,
+                       ("random", "nemo") if controls is None else controls, nemo)
+        context = {"model": source.spec}
+    else:
+        pipe, source = load(model)
+        baseline_pipe, baseline_source = load(baseline) if baseline else (None, None)
+        try:
+            subspace = Subspace.load(source.path)
+        except MemeditError:
+            subspace = None  # not a memedit-baked folder: no random control to match
+        if controls is None:
+            controls = tuple(c for c, ok in (("random", subspace is not None),
+                                             ("nemo", True)) if ok and baseline_pipe)
+        result = evaluate(pipe, inputs, settings, baseline_pipe, subspace, controls, nemo)
+        context = {"model": source.spec,
+                   "baseline": baseline_source.spec if baseline_source else None}
+    data = report.build_report(result, context)
+    text = report.table(result)
+    with atomic_output_dir(out, options["overwrite"]) as tmp:
+        (tmp / "report.json").write_bytes(report.report_json(data))
+        (tmp / "table.txt").write_text(text + "\n")
+        grid = figures.image_grid(result)
+        if grid is not None:
+            (tmp / "grid.png").write_bytes(grid)
+        plot = figures.sweep_plot(result)
+        if plot is not None:
+            (tmp / "sweep.png").write_bytes(plot)
+    click.echo(text)
+    click.echo(f"Wrote {out}/report.json")
+
+
+@click.command(name="evaluate")
+@click.option("--model", help="The sanitized model (with --k: the original). Default: the "
+                              "embedded test model.")
+@click.option("--baseline", help="The original model, evaluated side by side.")
+@evaluation_options
+@sampling_options
+def evaluate_command(model, baseline, **options):
+    """Measure memorization before and after an edit, on held-out memorized prompts.
+
+    Generates every memorized prompt with several fixed seeds and compares each generation
+    with its training image(s); runs Wen et al.'s detector; measures utility on ordinary
+    prompts; adds the random-mask and NeMo controls. With --k it locates once per k and
+    evaluates each (as `memedit sweep`).
+    """
+    run_evaluation(model, baseline, options, sweep_mode=False)
+
+
+@click.command(name="sweep")
+@click.option("--model", help="The original model. Default: the embedded test model.")
+@evaluation_options
+@sampling_options
+def sweep_command(model, **options):
+    """Locate once per k (--k 0.005,0.01,0.02) on the locate prompts and evaluate each edit,
+    its random control and NeMo on held-out prompts; plots rate and utility against k."""
+    run_evaluation(model, None, options, sweep_mode=True)
+
+
+@click.command(name="detect")
+@click.option("--model", help="The model. Default: the embedded test model.")
+@click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path),
+              help="Candidate prompts; a JSONL boolean field `memorized` adds an AUROC.")
+@click.option("--top", default=20, show_default=True, help="Rows to print.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the ranking as JSON.")
+@click.option("--overwrite", is_flag=True)
+@sampling_options
+def detect_command(model, prompts_file, top, out, overwrite, **options):
+    """Rank prompts by Wen et al.'s memorization detector, most suspicious first.
+
+    The score is ||eps(x_t, c) - eps(x_t, "")|| / sqrt(D), averaged over the first
+    --detector-steps steps and over --seeds seeds. No training images are needed.
+    """
+    from tqdm.auto import tqdm
+
+    from memedit.evaluation.detector import (
+        DetectorConfig,
+        auroc,
+        detector_scores,
+        text_noise_magnitudes,
+    )
+    from memedit.evaluation.report import detect_table, report_json
+    from memedit.loading import load_pipeline
+    from memedit.outputs import atomic_write_bytes
+    from memedit.prompts import read_prompts
+    from memedit.sampling import SamplingConfig
+
+    if out is not None and out.exists() and not overwrite:
+        raise MemeditError(f"{out} exists already.", "Pass --overwrite to replace it.")
+    prompts = read_prompts(prompts_file)
+    seeds = _seeds(options["seed_count"], options["seed_start"])
+    sampling = SamplingConfig(steps=options["steps"], guidance_scale=options["guidance"],
+                              batch_size=options["batch_size"])
+    config = DetectorConfig(options["detector_steps"], sampling)
+    pipe, source = load_pipeline(model, options["device"], options["dtype"],
+                                 options["allow_pickle"])
+    texts = [p for p in prompts.prompts for _ in seeds]
+    with tqdm(total=len(texts), desc="detect", unit="prompt", disable=options["quiet"]) as bar:
+        magnitudes = text_noise_magnitudes(pipe, texts, [s for _ in prompts.prompts
+                                                         for s in seeds], config, bar)
+    per_step = magnitudes.reshape(len(prompts), len(seeds), -1).mean(axis=1)
+    scores = detector_scores(per_step).tolist()
+    first = detector_scores(per_step, 1).tolist()
+    labels = [r.extra.get("memorized") for r in prompts.records]
+    result = {"model": source.spec, "prompts": {"source": prompts.source, "count": len(prompts),
+                                                "sha256": prompts.sha256},
+              "settings": {"steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
+                           "seeds": list(seeds), "detector_steps": config.steps,
+                           "score": "||eps(x_t,c) - eps(x_t,'')|| / sqrt(D), mean over the "
+                                    "first steps and the seeds"},
+              "ranking": sorted(({"prompt": p, "score": s, "first_step": f, "per_step": st,
+                                  "memorized": lab}
+                                 for p, s, f, st, lab in zip(prompts.prompts, scores, first,
+                                                             per_step.tolist(), labels,
+                                                             strict=True)),
+                                key=lambda row: -row["score"])}
+    if all(isinstance(lab, bool) for lab in labels) and len(set(labels)) == 2:
+        result["auroc"] = auroc([s for s, lab in zip(scores, labels, strict=True) if lab],
+                                [s for s, lab in zip(scores, labels, strict=True) if not lab])
+    table = detect_table(prompts.prompts, scores, first)
+    click.echo("\n".join(table.splitlines()[: top + 2]))
+    if "auroc" in result:
+        click.echo(f"AUROC (memorized vs not, from the `memorized` field): {result['auroc']:.3f}")
+    if out is not None:
+        atomic_write_bytes(out, report_json(result), overwrite=overwrite)
+        click.echo(f"Wrote {out}")
