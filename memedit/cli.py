@@ -205,7 +205,8 @@ def locate_and_bake_command(out: Path, as_json: bool, **opts) -> None:
     from memedit.outputs import check_output_dir
 
     # Fail on a bad output before minutes of sampling, not after.
-    check_output_dir(out, opts["overwrite"], resolve_model(opts["model"]).path)
+    check_output_dir(out, opts["overwrite"],
+                     resolve_model(opts["model"], opts["allow_pickle"]).path)
     subspace, source = _locate(opts)
     result = bake(source.spec if opts["model"] else None, subspace, out, opts["overwrite"],
                   opts["allow_pickle"])

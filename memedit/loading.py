@@ -27,6 +27,7 @@ class ModelSource:
     spec: str
     path: Path
     hub_id: str | None = None
+    allow_pickle: bool = False  # the user opted into pickled weights for this model
 
     @property
     def components(self) -> dict[str, list]:
@@ -65,9 +66,9 @@ def resolve_model(model: str | os.PathLike | None, allow_pickle: bool = False) -
         spec = str(model)
         path = Path(spec).expanduser()
         if path.exists():
-            source = ModelSource(spec, path.resolve())
+            source = ModelSource(spec, path.resolve(), allow_pickle=allow_pickle)
         elif _looks_like_hub_id(spec):
-            source = ModelSource(spec, _download(spec, allow_pickle), hub_id=spec)
+            source = ModelSource(spec, _download(spec, allow_pickle), spec, allow_pickle)
         else:
             raise MemeditError(
                 f"Model folder {spec} does not exist.",
@@ -83,7 +84,7 @@ def _download(hub_id: str, allow_pickle: bool) -> Path:
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
     try:
-        folder = DiffusionPipeline.download(hub_id, use_safetensors=not allow_pickle)
+        folder = DiffusionPipeline.download(hub_id, use_safetensors=None if allow_pickle else True)
     except Exception as err:  # the hub raises many types (OSError, HTTP, LocalEntryNotFound)
         if HF_HUB_OFFLINE:
             raise MemeditError(
@@ -180,7 +181,8 @@ def load_pipeline(
 
     source = resolve_model(model, allow_pickle)
     torch_device, torch_dtype = choose_device_dtype(device, dtype)
-    kwargs: dict = {"torch_dtype": torch_dtype, "use_safetensors": not allow_pickle}
+    # None lets diffusers prefer safetensors and fall back to pickles per component.
+    kwargs: dict = {"torch_dtype": torch_dtype, "use_safetensors": None if allow_pickle else True}
     if "safety_checker" in source.components:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
     try:

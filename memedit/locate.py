@@ -64,7 +64,7 @@ def unet_calls_per_image(pipe, steps: int) -> int:
 def _hash_weights(pipe, source: ModelSource | None, keys: list[str]) -> dict[str, torch.Tensor]:
     """The tensors as stored in the model's files (as loaded, for an in-memory pipeline)."""
     if source is not None:
-        return read_tensors(source.path, keys)
+        return read_tensors(source.path, keys, source.allow_pickle)
     out = {}
     for key in keys:
         component, name = split_key(key)

@@ -38,9 +38,12 @@ def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> 
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MemeditError(f"Cannot write to {parent} (permission denied).",
-                           "Choose an output folder you can write to.")
+    # Probe by creating a folder: permission bits say nothing for root or read-only mounts.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".memedit-probe-", dir=parent))
+    except OSError as err:
+        raise MemeditError(f"Cannot write to {parent} ({err.strerror}).",
+                           "Choose an output folder you can write to.") from None
     return out
 
 

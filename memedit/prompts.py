@@ -79,7 +79,7 @@ def read_prompts(path: str | Path, name: str | None = None) -> PromptSet:
             f"Prompt file {path} is not UTF-8 text (byte {err.start} is invalid).",
             "Re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`.",
         ) from None
-    if not text.strip():
+    if not text:
         raise MemeditError(
             f"Prompt file {path} is empty.", "Write one prompt a line (or JSONL/CSV)."
         )
