@@ -7,6 +7,7 @@ CLI prints it with its hint.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -37,7 +38,7 @@ def sampling_options(func):
     """Options shared by every command that samples."""
     options = [
         click.option("--steps", default=50, show_default=True, help="Denoising steps."),
-        click.option("--guidance", default=7.5, show_default=True,
+        click.option("--guidance-scale", default=7.5, show_default=True,
                      help="Classifier-free guidance scale."),
         click.option("--batch-size", default=8, show_default=True),
         click.option("--seeds", "seed_count", default=4, show_default=True,
@@ -57,13 +58,16 @@ def sampling_options(func):
 def evaluation_options(func):
     """Options of ``evaluate`` and ``sweep``."""
     options = [
-        click.option("--memorized", required=True, type=click.Path(path_type=Path),
+        click.option("--memorized", type=click.Path(path_type=Path),
                      help="Memorized prompts to report as held out (JSONL with `image` "
-                          "fields for similarity)."),
-        click.option("--ordinary", required=True, type=click.Path(path_type=Path),
-                     help="Ordinary prompts, for utility and as the detector's negatives."),
+                          "fields for similarity). Default with the embedded model: its "
+                          "held-out half."),
+        click.option("--ordinary", type=click.Path(path_type=Path),
+                     help="Ordinary prompts, for utility and as the detector's negatives. "
+                          "Default with the embedded model: its unseen scenes."),
         click.option("--locate-prompts", type=click.Path(path_type=Path),
-                     help="The prompts the edit was located on, reported separately."),
+                     help="The prompts the edit was located on, reported separately. "
+                          "Default with the embedded model: its locate half."),
         click.option("--locate-fraction", default=0.5, show_default=True,
                      help="With --k and no --locate-prompts: locate on this first part of "
                           "--memorized, hold out the rest."),
@@ -72,6 +76,8 @@ def evaluation_options(func):
         click.option("--reference", type=click.Path(path_type=Path),
                      help="Sweep: reference prompts for locating (default: the empty prompt)."),
         click.option("--tau", default=10, show_default=True, help="Sweep: locate's tau."),
+        click.option("--locate-seed", default=0, show_default=True,
+                     help="Sweep: the seed every locate prompt is sampled with."),
         click.option("--targets", default="ff_out", show_default=True,
                      help="Sweep: locate's target layers."),
         click.option("--controls", default="auto", show_default=True,
@@ -106,7 +112,7 @@ def _settings(options: dict, measure: str):
     from memedit.evaluation.harness import EvalSettings
     from memedit.sampling import SamplingConfig
 
-    sampling = SamplingConfig(steps=options["steps"], guidance_scale=options["guidance"],
+    sampling = SamplingConfig(steps=options["steps"], guidance_scale=options["guidance_scale"],
                               batch_size=options["batch_size"])
     return EvalSettings(
         sampling=sampling,
@@ -135,6 +141,29 @@ def _controls(text: str) -> tuple[str, ...] | None:
     return names
 
 
+def _embedded_defaults(model, options: dict) -> None:
+    """Fill in the embedded test model's prompt files where the user gave none."""
+    wanted = {"memorized": "memorized_heldout", "ordinary": "ordinary_unseen",
+              "locate_prompts": "memorized_locate"}
+    missing = [key for key in wanted if options[key] is None]
+    if not missing:
+        return
+    if model is not None:
+        if {"memorized", "ordinary"} & set(missing):
+            raise MemeditError("--memorized and --ordinary are required for a model other "
+                               "than the embedded one.",
+                               "Pass a JSONL of memorized prompts with their training images, "
+                               "and a file of ordinary prompts.")
+        return
+    try:
+        from memedit.testbed import prompt_file
+    except ImportError:
+        raise MemeditError("This build has no embedded test model prompts.",
+                           "Pass --model, --memorized and --ordinary.") from None
+    for key in missing:
+        options[key] = prompt_file(wanted[key])
+
+
 def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
     """Shared body of ``evaluate`` and ``sweep``."""
     from memedit.evaluation import figures, report
@@ -156,6 +185,7 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
     if measure == "auto":
         measure = "sscd" if options["sscd"] else "mse"
     settings = _settings(options, measure)
+    _embedded_defaults(model, options)
     memorized = read_prompts(options["memorized"], "memorized")
     ordinary = read_prompts(options["ordinary"], "ordinary")
     locate_prompts = (read_prompts(options["locate_prompts"], "locate")
@@ -174,7 +204,8 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
         # Sweep: --model is the original; every edit is applied in memory.
         pipe, source = load(model)
         config = LocateConfig(targets=parse_target_kinds(options["targets"]),
-                              tau=options["tau"], sampling=settings.sampling)
+                              tau=options["tau"],
+                              sampling=replace(settings.sampling, seed=options["locate_seed"]))
         reference = read_prompts(options["reference"], "reference") \
             if options["reference"] else None
         result = sweep(pipe, inputs, settings, ks, config, reference,
@@ -267,7 +298,7 @@ def detect_command(model, prompts_file, top, out, overwrite, **options):
         raise MemeditError(f"{out} exists already.", "Pass --overwrite to replace it.")
     prompts = read_prompts(prompts_file)
     seeds = _seeds(options["seed_count"], options["seed_start"])
-    sampling = SamplingConfig(steps=options["steps"], guidance_scale=options["guidance"],
+    sampling = SamplingConfig(steps=options["steps"], guidance_scale=options["guidance_scale"],
                               batch_size=options["batch_size"])
     config = DetectorConfig(options["detector_steps"], sampling)
     pipe, source = load_pipeline(model, options["device"], options["dtype"],

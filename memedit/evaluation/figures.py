@@ -8,6 +8,7 @@ import numpy as np
 
 from memedit.evaluation.harness import EvaluationResult, VariantResult
 from memedit.evaluation.similarity import MEASURES, load_image, resize, to_pil
+from memedit.evaluation.utility import headline
 
 
 def image_grid(result: EvaluationResult, cell: int = 128) -> bytes | None:
@@ -62,7 +63,7 @@ def _utility(variant: VariantResult) -> tuple[str, float | None]:
     utility = variant.utility
     if "scene" in utility:
         scene = utility["scene"]
-        key = "all" if "all" in scene else next(k for k in scene if k != "n")
+        key = headline(scene)
         return f"scene utility ({key})", scene[key]
     if "clip_score" in utility:
         return "CLIP score", utility["clip_score"]["mean"]

@@ -16,6 +16,7 @@ from tabulate import tabulate
 
 from memedit.evaluation.harness import EvaluationResult, VariantResult
 from memedit.evaluation.similarity import MEASURES
+from memedit.evaluation.utility import headline
 
 REPORT_FORMAT = "memedit-evaluation"
 REPORT_VERSION = 1
@@ -81,7 +82,7 @@ def _utility_cell(variant: VariantResult) -> tuple[str, str]:
     parts = []
     if "scene" in utility:
         scene = utility["scene"]
-        key = "all" if "all" in scene else next(k for k in scene if k != "n")
+        key = headline(scene)
         parts.append(f"scene {key} {_fmt(scene[key], 2)}")
     if "clip_score" in utility:
         parts.append(f"CLIP {_fmt(utility['clip_score']['mean'], 2)}")

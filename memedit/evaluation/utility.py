@@ -103,3 +103,11 @@ def scene_utility(images: Sequence[np.ndarray], records: Sequence[PromptRecord],
         return None
     return {key: float(np.mean(values)) for key, values in totals.items()} | {
         "n": len(next(iter(totals.values())))}
+
+
+def headline(scene: dict[str, float]) -> str:
+    """The field that sums a scene score up: ``overall`` (or ``all``), else the first one."""
+    for key in ("overall", "all"):
+        if key in scene:
+            return key
+    return next(k for k in scene if k != "n")
