@@ -236,3 +236,29 @@ def test_detector_separates_memorized_prompts_on_embedded_model():
     mem = text_noise_magnitudes(pipe, memorized.prompts, seeds, config).mean()
     ordi = text_noise_magnitudes(pipe, ordinary.prompts, seeds, config).mean()
     assert mem > ordi
+
+
+def test_evaluate_baked_model_with_random_control(tmp_path, tiny_model_dir, prompt_files):
+    from memedit import LocateConfig, bake, load_pipeline, locate
+
+    memorized, ordinary = prompt_files
+    pipe, source = load_pipeline(tiny_model_dir, "cpu", "float32")
+    located_on = read_prompts(memorized, "memorized").subset([0, 1], "locate")
+    subspace = locate(pipe, located_on, None, LocateConfig(k=0.05, tau=2, sampling=FAST),
+                      source=source, progress=False)
+    baked = bake(tiny_model_dir, subspace, tmp_path / "sanitized", progress=False).path
+    locate_file = tmp_path / "locate.jsonl"
+    locate_file.write_text("\n".join(memorized.read_text().splitlines()[:2]) + "\n")
+    out = tmp_path / "eval"
+    result = _invoke(evaluate_command, [
+        "--model", str(baked), "--baseline", str(tiny_model_dir), "--memorized", str(memorized),
+        "--locate-prompts", str(locate_file), "--ordinary", str(ordinary), "--controls",
+        "random", "--out", str(out), *FAST_ARGS])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads((out / "report.json").read_text())
+    by_name = {v["name"]: v for v in report["variants"]}
+    assert list(by_name) == ["original", "sanitized", "random"]
+    assert by_name["sanitized"]["zeroed"] == by_name["random"]["zeroed"] == subspace.totals()
+    assert set(by_name["sanitized"]["memorization"]) == {"locate", "heldout"}
+    # The held-out file holds the locate prompts too; the report says so.
+    assert any("not fully held out" in note for note in report["notes"])

@@ -86,6 +86,9 @@ def evaluation_options(func):
                      help="NeMo: z-score above which a to_v channel is an outlier."),
         click.option("--nemo-max", default=10, show_default=True,
                      help="NeMo: at most this many channels per memorized prompt."),
+        click.option("--nemo-reference", type=click.Path(path_type=Path),
+                     help="NeMo: ordinary prompts its z-scores are taken against (default: "
+                          "--ordinary; with the embedded model: its seen scenes)."),
         click.option("--ordinary-seeds", default=1, show_default=True,
                      help="Seeds per ordinary prompt."),
         click.option("--measure", type=click.Choice(["auto", "sscd", "mse", "ssim"]),
@@ -144,8 +147,10 @@ def _controls(text: str) -> tuple[str, ...] | None:
 def _embedded_defaults(model, options: dict) -> None:
     """Fill in the embedded test model's prompt files where the user gave none."""
     wanted = {"memorized": "memorized_heldout", "ordinary": "ordinary_unseen",
-              "locate_prompts": "memorized_locate"}
+              "locate_prompts": "memorized_locate", "nemo_reference": "ordinary_seen"}
     missing = [key for key in wanted if options[key] is None]
+    if options["memorized"] is not None and "locate_prompts" in missing:
+        missing.remove("locate_prompts")  # the user's own memorized set: split it, not ours
     if not missing:
         return
     if model is not None:
@@ -197,7 +202,9 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
     clip = CLIPScorer(options["clip_dir"]) if options["clip_dir"] else None
     inputs = Inputs(memorized, ordinary, locate_prompts, sscd, clip)
     controls = _controls(options["controls"])
-    nemo = {"z_threshold": options["nemo_z"], "max_per_prompt": options["nemo_max"]}
+    nemo = {"z_threshold": options["nemo_z"], "max_per_prompt": options["nemo_max"],
+            "reference": read_prompts(options["nemo_reference"], "nemo-reference")
+            if options["nemo_reference"] else None}
     load = functools.partial(load_pipeline, device=device, dtype=options["dtype"],
                              allow_pickle=options["allow_pickle"])
     if ks is not None:

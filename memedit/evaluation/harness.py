@@ -106,11 +106,12 @@ class Variant:
     masks: dict[str, torch.Tensor] | None = None
     k: float | None = None
     info: dict = field(default_factory=dict)
+    baked: Subspace | None = None  # the subspace a sanitized folder was baked with
 
     def size(self) -> dict | None:
-        if self.masks is None:
-            return None
-        return Subspace(self.masks, {}).totals()
+        if self.masks is not None:
+            return Subspace(self.masks, {}).totals()
+        return self.baked.totals() if self.baked is not None else None
 
 
 @dataclass
@@ -398,14 +399,15 @@ def evaluate(model_pipe, inputs: Inputs, settings: EvalSettings, baseline_pipe=N
     Controls are applied to the original (``baseline_pipe``): ``random`` needs the subspace
     the sanitized model was baked with (``model_subspace``, read from the baked folder);
     ``nemo`` is located on the locate prompts (or the memorized ones if none are given) with
-    the ordinary prompts as reference.
+    ``nemo_options["reference"]`` (default: the ordinary prompts) as reference.
     """
     groups, scorers, notes = _prepare(inputs, settings)
     variants: list[Variant] = []
     if baseline_pipe is not None:
         variants.append(Variant("original", "original", baseline_pipe))
-    variants.append(Variant("sanitized", "sanitized", model_pipe,
-                            info={"subspace": model_subspace.totals()} if model_subspace else {}))
+    variants.append(Variant("sanitized", "sanitized", model_pipe, baked=model_subspace,
+                            info=_baked_info(model_subspace)))
+    notes += _located_on_notes(model_subspace, inputs)
     for control in controls:
         if baseline_pipe is None:
             raise MemeditError(f"The {control} control is applied to the original model.",
@@ -464,9 +466,35 @@ def sweep(pipe, inputs: Inputs, settings: EvalSettings, ks: Sequence[float],
                                         "prompt", "seed": locate_config.sampling.seed}})
 
 
+def _baked_info(subspace: Subspace | None) -> dict:
+    if subspace is None:
+        return {}
+    manifest = subspace.manifest
+    return {"method": manifest.get("method", {}), "located_on": manifest.get("prompts", {})}
+
+
+def _located_on_notes(subspace: Subspace | None, inputs: Inputs) -> list[str]:
+    """Compare the prompt sets the baked subspace records with the ones evaluated."""
+    if subspace is None:
+        return []
+    recorded = {entry.get("sha256") for entry in
+                subspace.manifest.get("prompts", {}).get("memorized", [])}
+    notes = []
+    if inputs.memorized.sha256 in recorded:
+        notes.append("The held-out prompts are the very set this model was located on: the "
+                     "'heldout' figures are not held out.")
+    if inputs.locate_prompts is not None and recorded and \
+            inputs.locate_prompts.sha256 not in recorded:
+        notes.append("--locate-prompts differs from the prompt set recorded in the model's "
+                     "subspace manifest.")
+    return notes
+
+
 def _nemo_variant(pipe, inputs: Inputs, options: dict) -> Variant:
     prompts = inputs.locate_prompts or inputs.memorized
-    selection = nemo_masks(pipe, prompts, inputs.ordinary, **options)
+    options = dict(options)
+    reference = options.pop("reference", None) or inputs.ordinary
+    selection = nemo_masks(pipe, prompts, reference, **options)
     settings = selection.settings | {"memorized_prompts": prompts.name}
     return Variant("nemo", "nemo", pipe, selection.masks, info=settings)
 
