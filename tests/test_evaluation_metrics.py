@@ -234,3 +234,48 @@ def test_nemo_outlier_selection_by_hand():
     assert chosen == [[("l", 1, 10.0), ("l", 2, 4.0)], []]
     capped = select_outliers(memorized, reference, z_threshold=3.0, max_per_prompt=1)
     assert capped == [[("l", 1, 10.0)], []]
+
+
+def test_clip_score_with_a_local_folder(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from memedit.evaluation.utility import CLIPScorer
+    from memedit.testing import _byte_vocab_tokenizer
+
+    tokenizer = _byte_vocab_tokenizer()
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"image_size": 32, "patch_size": 16, "hidden_size": 16,
+                       "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2},
+        projection_dim=8)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32},
+                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer)
+    processor.save_pretrained(tmp_path / "clip")
+    scorer = CLIPScorer(tmp_path / "clip")
+    images = [_image(0), _image(1), _image(0)]
+    scores = scorer.scores(images, ["a red cat", "a dog", "a red cat"], batch_size=2)
+    assert scores.shape == (3,) and (scores >= 0).all() and (scores <= 100).all()
+    assert scores[0] == pytest.approx(scores[2], abs=1e-4)  # same pair, other batch
+    with pytest.raises(MemeditError, match="does not exist"):
+        CLIPScorer(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MemeditError, match="could not load a CLIP model"):
+        CLIPScorer(tmp_path / "empty")
+
+
+def test_scene_utility_plugs_into_the_embedded_scorer():
+    scenes = pytest.importorskip("memedit.testbed.scenes")
+    rng = np.random.default_rng(0)
+    spec = scenes.make_scene(scenes.combinations()[0], rng)
+    records = [PromptRecord(scenes.caption(spec), extra={"scene": spec})] * 2
+    images = [scenes.render(spec), np.full((32, 32, 3), 0.5, dtype=np.float32)]
+    out = scene_utility(images, records)  # the scorer is found by itself
+    assert out["overall"] == 0.5 and out["n"] == 2  # the render passes, grey fails
