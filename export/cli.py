@@ -1,0 +1,198 @@
+"""Click commands ``export``, ``verify-onnx`` and ``generate``: a thin layer over the API.
+
+They are standalone ``@click.command()`` functions (``export_command``,
+``verify_onnx_command``, ``generate_command``) that ``memedit.cli`` registers. Exit status:
+0 when everything passed, 1 when parity or the sanitization audit failed (the report is
+printed first), 2 for a user error (:class:`MemeditError`: message and hint, no traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+from pathlib import Path
+
+import click
+
+from memedit.errors import MemeditError
+
+
+def _errors(command):
+    """Print a MemeditError as message + hint and exit 2, wherever the command is mounted."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except MemeditError as err:
+            click.echo(f"Error: {err.message}", err=True)
+            if err.hint:
+                click.echo(f"Hint: {err.hint}", err=True)
+            raise click.exceptions.Exit(2) from None
+
+    return wrapper
+
+
+def _threshold_options(command):
+    """Parity thresholds and inputs shared by export and verify-onnx."""
+    options = [
+        click.option("--max-abs", type=float, default=1e-3, show_default=True,
+                     help="Largest allowed |ONNX - PyTorch| of any component output."),
+        click.option("--mean-abs", type=float, default=1e-4, show_default=True,
+                     help="Largest allowed mean |ONNX - PyTorch| of a component output."),
+        click.option("--image-max-abs", type=float, default=2e-2, show_default=True,
+                     help="Largest allowed pixel difference of the full image (pixels in [0, 1])."),
+        click.option("--min-psnr", type=float, default=40.0, show_default=True,
+                     help="Smallest allowed PSNR (dB) of the full image."),
+        click.option("--prompt", default="a photo of a red cat", show_default=True,
+                     help="Prompt of the parity run."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--steps", type=int, default=10, show_default=True,
+                     help="Denoising steps of the full-image parity run."),
+        click.option("--threads", type=int, default=None,
+                     help="ONNX Runtime intra-op threads (default: ORT's choice)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _parity_args(kwargs):
+    from memedit.export.parity import ParityInputs, Thresholds
+
+    thresholds = Thresholds(kwargs.pop("max_abs"), kwargs.pop("mean_abs"),
+                            kwargs.pop("image_max_abs"), kwargs.pop("min_psnr"))
+    inputs = ParityInputs(kwargs.pop("prompt"), kwargs.pop("seed"), kwargs.pop("steps"))
+    return thresholds, inputs
+
+
+def _emit(report, as_json: bool) -> None:
+    click.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.table())
+
+
+def _run_checked(action, as_json: bool):
+    """Run an export/verify action; print the report; exit 1 if it failed."""
+    from memedit.export.api import VerificationFailed
+
+    try:
+        report = action()
+    except VerificationFailed as failure:
+        _emit(failure.report, as_json)
+        click.echo(f"Error: {failure.message}", err=True)
+        if failure.hint:
+            click.echo(f"Hint: {failure.hint}", err=True)
+        raise click.exceptions.Exit(1) from None
+    _emit(report, as_json)
+    if not report.passed:
+        raise click.exceptions.Exit(1)
+    return report
+
+
+@click.command("export")
+@click.option("--onnx", "model", required=True, metavar="MODEL_DIR",
+              help="Export this diffusers pipeline (sanitized or not) to ONNX.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="New folder for the ONNX pipeline (Optimum's layout).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--subspace", type=click.Path(exists=True, path_type=Path),
+              help="Audit against this subspace (default: the one a baked model carries).")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: Optimum's).")
+@click.option("--fp16", is_flag=True, help="Export in float16 (needs a CUDA GPU).")
+@click.option("--dynamic-axes/--static-axes", default=True, show_default=True,
+              help="Dynamic batch, sequence and image axes.")
+@click.option("--parity/--no-parity", default=True, show_default=True,
+              help="Check ONNX Runtime against PyTorch after export.")
+@click.option("--optimum-validation/--no-optimum-validation", default=True, show_default=True,
+              help="Also run Optimum's own validation on dummy inputs.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled (.bin/.ckpt) weights.")
+@_threshold_options
+@_errors
+def export_command(model, out, overwrite, subspace, opset, fp16, dynamic_axes, parity,
+                   optimum_validation, allow_pickle, as_json, threads, **kwargs):
+    """Export MODEL_DIR to ONNX with Optimum, audit the zeroed weights, check parity."""
+    from memedit.export.api import export_onnx
+    from memedit.export.onnx import ExportOptions
+
+    thresholds, inputs = _parity_args(kwargs)
+    options = ExportOptions(opset, fp16, dynamic_axes, optimum_validation)
+    _run_checked(lambda: export_onnx(model, out, options, overwrite, subspace, parity,
+                                     thresholds, inputs, threads, allow_pickle), as_json)
+
+
+@click.command("verify-onnx")
+@click.argument("onnx_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", default=None,
+              help="The PyTorch pipeline it was exported from (default: recorded at export).")
+@click.option("--subspace", type=click.Path(exists=True, path_type=Path),
+              help="Audit against this subspace (default: the copy stored at export).")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="ONNX Runtime execution provider.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled (.bin/.ckpt) weights.")
+@_threshold_options
+@_errors
+def verify_onnx_command(onnx_dir, model, subspace, provider, allow_pickle, as_json, threads,
+                        **kwargs):
+    """Check an exported ONNX_DIR against its PyTorch model: parity and sanitization audit."""
+    from memedit.export.api import verify_onnx
+
+    thresholds, inputs = _parity_args(kwargs)
+    _run_checked(lambda: verify_onnx(onnx_dir, model, subspace, thresholds, inputs, True,
+                                     provider, threads, allow_pickle), as_json)
+
+
+@click.command("generate")
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("--onnx", "onnx_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Run this exported ONNX folder with ONNX Runtime.")
+@click.option("--model", default=None,
+              help="Run this PyTorch pipeline instead (default: the embedded test model).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("image.png"),
+              show_default=True, help="PNG path; with several prompts/seeds, NAME-N.png.")
+@click.option("--overwrite", is_flag=True, help="Replace existing images.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-images", type=int, default=1, show_default=True,
+              help="Images per prompt (seeds seed, seed+1, ...).")
+@click.option("--steps", type=int, default=25, show_default=True)
+@click.option("--guidance-scale", type=float, default=7.5, show_default=True)
+@click.option("--height", type=int, default=None)
+@click.option("--width", type=int, default=None)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="ONNX Runtime execution provider (with --onnx).")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@_errors
+def generate_command(prompts, onnx_dir, model, out, overwrite, seed, num_images, steps,
+                     guidance_scale, height, width, provider, threads):
+    """Generate images for PROMPTS with an ONNX export (--onnx) or a PyTorch model."""
+    from PIL import Image
+
+    from memedit.outputs import atomic_write_bytes
+    from memedit.sampling import SamplingConfig, generate_images
+
+    config = SamplingConfig(steps=steps, guidance_scale=guidance_scale, seed=seed,
+                            batch_size=1, height=height, width=width)
+    all_prompts = [p for p in prompts for _ in range(num_images)]
+    seeds = [seed + i for _ in prompts for i in range(num_images)]
+    paths = ([out] if len(all_prompts) == 1 else
+             [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
+              for i in range(len(all_prompts))])
+    for path in paths:  # refuse before the slow part
+        if path.exists() and not overwrite:
+            raise MemeditError(f"{path} exists already.", "Pass --overwrite to replace it.")
+    if onnx_dir is not None:
+        from memedit.export.runtime import load_ort_pipeline
+
+        pipe, choice = load_ort_pipeline(onnx_dir, provider, threads)
+        click.echo(f"ONNX Runtime on {choice.label}: {choice.reason}", err=True)
+    else:
+        from memedit.loading import load_pipeline
+
+        pipe, source = load_pipeline(model)
+        click.echo(f"PyTorch on {pipe.device}: {source.spec}", err=True)
+    images = generate_images(pipe, all_prompts, seeds, config)
+    for path, image, prompt, image_seed in zip(paths, images, all_prompts, seeds, strict=True):
+        buffer = io.BytesIO()
+        Image.fromarray((image * 255).round().clip(0, 255).astype("uint8")).save(buffer, "PNG")
+        atomic_write_bytes(path, buffer.getvalue(), overwrite)
+        click.echo(f"{path}  seed {image_seed}  {prompt!r}")

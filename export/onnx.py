@@ -1,0 +1,159 @@
+"""Export a diffusers Stable Diffusion pipeline (sanitized or not) to ONNX with Optimum.
+
+The folder written is exactly the one Optimum's exporter writes for the ``text-to-image``
+task (``text_encoder/``, ``unet/``, ``vae_encoder/``, ``vae_decoder/`` each with a
+``model.onnx``, plus tokenizer, scheduler and ``model_index.json``), so Optimum's
+``ORTDiffusionPipeline`` loads it. A UNet over protobuf's 2 GB limit is written by Optimum as
+``model.onnx`` + ``model.onnx_data`` (external data). memedit adds ``memedit/``: the subspace
+the model was sanitized with (for later audits) and ``onnx_export.json`` (what was checked).
+
+The pipeline is loaded once by memedit (safetensors only, no safety checker) and handed to
+``optimum.exporters.onnx.onnx_export_from_model``, the function ``main_export`` calls after
+loading; the same in-memory pipeline then serves as the PyTorch reference for parity and audit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from memedit.errors import MemeditError
+
+EXPORT_RECORD = "onnx_export.json"
+PROVENANCE_DIR = "memedit"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How Optimum exports. ``opset=None`` keeps Optimum's default for diffusion models."""
+
+    opset: int | None = None
+    fp16: bool = False
+    dynamic_axes: bool = True  # dynamic batch / sequence / spatial axes, as Optimum declares
+    optimum_validation: bool = True  # Optimum's own output check on its dummy inputs
+    device: str | None = None  # None: cuda for fp16, else cpu
+
+
+@dataclass
+class ExportInfo:
+    """What the exporter did: timings, files and Optimum's own validation verdict."""
+
+    seconds: float
+    opset: int | None
+    fp16: bool
+    dynamic_axes: bool
+    files: dict[str, int] = field(default_factory=dict)  # relative path -> bytes
+    optimum_validation: str = "skipped"  # passed | skipped | "warning: ..."
+    checker_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def export_device(options: ExportOptions) -> str:
+    """The torch device of the export; fp16 needs CUDA, as in Optimum (`--dtype fp16`)."""
+    device = options.device or ("cuda" if options.fp16 else "cpu")
+    if options.fp16 and (not device.startswith("cuda") or not torch.cuda.is_available()):
+        raise MemeditError(
+            "fp16 ONNX export needs a CUDA GPU: on CPU, PyTorch cannot trace several fp16 "
+            "kernels and Optimum refuses `--dtype fp16` without `--device cuda`.",
+            "Export in fp32 (the default) here, or run the fp16 export on a machine with a "
+            "GPU and a CUDA build of torch.",
+        )
+    return device
+
+
+class _Collect(logging.Handler):
+    """Keeps the warnings Optimum logs when its validation finds differences."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def _optimum_warnings() -> Iterator[_Collect]:
+    # Optimum downgrades a failed tolerance check to a logged warning; collect it so the
+    # report can show it (memedit's own parity check is the one that gates the export).
+    collector = _Collect()
+    log = logging.getLogger("optimum.exporters.onnx.convert")
+    log.addHandler(collector)
+    try:
+        yield collector
+    finally:
+        log.removeHandler(collector)
+
+
+def onnx_files(folder: Path) -> dict[str, int]:
+    """Every ONNX file and external-data file under ``folder`` with its size in bytes."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and (p.suffix == ".onnx" or p.name.endswith((".onnx_data", ".data")))}
+
+
+def check_models(folder: Path) -> None:
+    """``onnx.checker`` (full check, with shape inference) on every ``model.onnx``.
+
+    The path form is used so that models with external data (over 2 GB) are checked too.
+    """
+    import onnx
+
+    for path in sorted(folder.glob("*/model.onnx")):
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+            raise MemeditError(f"onnx.checker rejects {path.relative_to(folder)}: {err}",
+                               "Report this with the model and the options used.") from None
+
+
+def export_pipeline(pipe, folder: Path, options: ExportOptions = ExportOptions()) -> ExportInfo:
+    """Export a loaded pipeline with Optimum into ``folder``, then run ``onnx.checker``."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    device = export_device(options)
+    start = time.perf_counter()
+    with _optimum_warnings() as warned, torch.no_grad():
+        try:
+            onnx_export_from_model(
+                pipe,
+                folder,
+                task="text-to-image",
+                opset=options.opset,
+                device=device,
+                no_dynamic_axes=not options.dynamic_axes,
+                do_validation=options.optimum_validation,
+            )
+        except (ValueError, RuntimeError, KeyError) as err:
+            raise MemeditError(f"Optimum could not export the pipeline: {err}",
+                               "Check that it is a Stable Diffusion 1.x/2.x pipeline.") from err
+    seconds = time.perf_counter() - start
+    validation = "skipped"
+    if options.optimum_validation:
+        problems = [m for m in warned.messages if "succeeded with the warning" in m]
+        validation = "warning: " + " | ".join(problems) if problems else "passed"
+    check_start = time.perf_counter()
+    check_models(folder)
+    return ExportInfo(seconds, options.opset, options.fp16, options.dynamic_axes,
+                      onnx_files(folder), validation, time.perf_counter() - check_start)
+
+
+def read_record(onnx_dir: str | os.PathLike) -> dict:
+    """The ``memedit/onnx_export.json`` an export wrote, or ``{}``."""
+    path = Path(onnx_dir) / PROVENANCE_DIR / EXPORT_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_record(folder: Path, record: dict) -> None:
+    target = folder / PROVENANCE_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    (target / EXPORT_RECORD).write_text(json.dumps(record, indent=2, default=str))

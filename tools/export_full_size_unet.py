@@ -1,0 +1,205 @@
+"""Export a full-size Stable Diffusion 1.x UNet (random weights) to ONNX: the >2 GB path.
+
+The fp32 SD 1.x UNet (~860 M parameters, ~3.4 GB) is over protobuf's 2 GB limit, so its
+weights must go to an external-data file. This tool builds that UNet from its published
+config (random weights: no download), zeroes 1 % of every ``ff.net.2`` weight as a sanitized
+model would, and exports the UNet alone with Optimum's per-model path (the UNet ONNX config
+Optimum uses for ``text-to-image`` + ``optimum.exporters.onnx.convert.export``, which writes
+``model.onnx`` + ``model.onnx_data``). It then runs ``onnx.checker`` on the path, one ONNX
+Runtime inference against the PyTorch output, and memedit's sanitization audit, and reports
+time and peak resident memory (RSS) per phase.
+
+A watchdog aborts the run if RSS passes ``--max-rss-gb`` (the machine is shared).
+
+    python tools/export_full_size_unet.py --out /tmp/sd-unet-onnx [--json result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+# The published SD 1.x UNet config (CompVis/stable-diffusion-v1-4, unet/config.json).
+SD1_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                         "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                       "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+GB = 1024**3
+
+
+class RssMonitor:
+    """Samples this process's RSS every 0.1 s; keeps a per-phase peak; aborts over a limit."""
+
+    def __init__(self, limit_gb: float) -> None:
+        self.process = psutil.Process()
+        self.limit = limit_gb * GB
+        self.peak = 0
+        self.overall = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            rss = self.process.memory_info().rss
+            self.peak, self.overall = max(self.peak, rss), max(self.overall, rss)
+            if rss > self.limit:
+                # The machine is shared with a training job: never push it into swap/OOM.
+                print(f"ABORT: RSS {rss / GB:.1f} GB over the {self.limit / GB:.1f} GB limit",
+                      flush=True)
+                os._exit(3)
+
+    def phase(self) -> float:
+        """The peak RSS (GB) since the last call, and reset."""
+        peak = max(self.peak, self.process.memory_info().rss)
+        self.peak = 0
+        return round(peak / GB, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/memedit-sd-unet-onnx"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-rss-gb", type=float, default=13.5)
+    parser.add_argument("--fraction", type=float, default=0.01,
+                        help="share of each ff.net.2 weight zeroed (the audit's subject)")
+    parser.add_argument("--keep", action="store_true", help="keep the exported folder")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the UNet config)
+    import torch
+    from diffusers import UNet2DConditionModel
+    from optimum.exporters.onnx.convert import export
+    from optimum.exporters.tasks import TasksManager
+    from optimum.exporters.utils import _get_diffusers_submodel_type
+
+    from memedit.export.audit import audit_onnx_file
+    from memedit.export.onnx import onnx_files
+
+    torch.set_num_threads(args.threads)
+    monitor = RssMonitor(args.max_rss_gb)
+    figures: dict = {"threads": args.threads}
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    (args.out / "unet").mkdir(parents=True)
+
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD1_UNET_CONFIG).eval()
+    figures["parameters"] = sum(p.numel() for p in unet.parameters())
+    # Sanitize like memedit's bake: zero a random 1 % of each FFN output weight.
+    gen = torch.Generator().manual_seed(1)
+    masks, params = {}, {}
+    for name, param in unet.named_parameters():
+        if name.endswith("ff.net.2.weight"):
+            mask = torch.rand(param.shape, generator=gen) < args.fraction
+            param.data[mask] = 0
+            masks[name], params[name] = mask, param.detach().clone()
+    figures["masked_tensors"] = len(masks)
+    figures["masked_weights"] = int(sum(int(m.sum()) for m in masks.values()))
+    # One reference output (batch 1, 64x64 latent, 77 tokens) before the model is freed.
+    sample = torch.randn(1, 4, 64, 64, generator=gen)
+    hidden = torch.randn(1, 77, 768, generator=gen)
+    timestep = torch.tensor(500)
+    with torch.no_grad():
+        t_ref = time.perf_counter()
+        reference = unet(sample, timestep, hidden).sample.numpy()
+        figures["torch_unet_seconds"] = round(time.perf_counter() - t_ref, 2)
+    figures["build_seconds"] = round(time.perf_counter() - t, 1)
+    figures["build_peak_rss_gb"] = monitor.phase()
+    print(json.dumps(figures), flush=True)
+
+    t = time.perf_counter()
+    # The attributes Optimum's text-to-image path sets on the UNet config before export
+    # (optimum.exporters.utils._get_submodels_for_export_diffusion), for a UNet alone.
+    unet.config.requires_aesthetics_score = False
+    unet.config.time_cond_proj_dim = None
+    unet.config.text_encoder_projection_dim = 768  # SD 1.x CLIP ViT-L/14
+    unet.config.export_model_type = _get_diffusers_submodel_type(unet)
+    constructor = TasksManager.get_exporter_config_constructor(
+        model=unet, exporter="onnx", library_name="diffusers", task="semantic-segmentation")
+    config = constructor(unet.config, int_dtype="int64", float_dtype="fp32")
+    model_path = args.out / "unet" / "model.onnx"
+    with torch.no_grad():
+        export(unet, config, model_path, opset=config.DEFAULT_ONNX_OPSET)
+    unet.save_config(args.out / "unet")
+    figures["opset"] = config.DEFAULT_ONNX_OPSET
+    figures["export_seconds"] = round(time.perf_counter() - t, 1)
+    figures["export_peak_rss_gb"] = monitor.phase()
+    figures["files_mb"] = {k: round(v / 2**20, 1) for k, v in onnx_files(args.out).items()}
+    print(json.dumps(figures), flush=True)
+    del unet
+    gc.collect()
+
+    t = time.perf_counter()
+    onnx.checker.check_model(str(model_path), full_check=True)
+    figures["checker_seconds"] = round(time.perf_counter() - t, 1)
+    figures["checker_peak_rss_gb"] = monitor.phase()
+
+    t = time.perf_counter()
+    report = audit_onnx_file(model_path, params, masks, label="unet/model.onnx")
+    figures["audit_seconds"] = round(time.perf_counter() - t, 2)
+    figures["audit_passed"] = all(r.passed for r in report)
+    figures["audit_statuses"] = sorted({r.status for r in report})
+    figures["audit_peak_rss_gb"] = monitor.phase()
+    print(json.dumps(figures), flush=True)
+    del params
+    gc.collect()
+
+    t = time.perf_counter()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    figures["ort_load_seconds"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    # Optimum's UNet graph takes a float scalar timestep.
+    feeds = {"sample": sample.numpy(), "timestep": timestep.numpy().astype(np.float32),
+             "encoder_hidden_states": hidden.numpy()}
+    (got,) = session.run(None, feeds)
+    figures["ort_unet_seconds"] = round(time.perf_counter() - t, 2)
+    diff = np.abs(got - reference)
+    figures["parity_max_abs"] = float(diff.max())
+    figures["parity_mean_abs"] = float(diff.mean())
+    figures["ort_peak_rss_gb"] = monitor.phase()
+    figures["overall_peak_rss_gb"] = round(monitor.overall / GB, 2)
+    del session
+
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    if not args.keep:
+        shutil.rmtree(args.out)
+
+
+if __name__ == "__main__":
+    main()
