@@ -90,7 +90,8 @@ class EvalSettings:
             "detector": {
                 "name": "Wen et al. 2024: ||eps(x_t, c) - eps(x_t, '')|| / sqrt(D)",
                 "steps": self.detector_steps,
-                "per_prompt": "mean over the first steps, then mean over the seeds",
+                "per_prompt": "mean over the first steps, then over the memorized seeds "
+                              "(for ordinary prompts too)",
                 "auroc": "memorized (positive) vs ordinary prompts, per-prompt scores",
             },
         }
@@ -278,7 +279,6 @@ def evaluate_variant(variant: Variant, groups: dict[str, PromptSet], ordinary: P
     detector_cfg = DetectorConfig(settings.detector_steps, sampling)
     detector: dict = {"per_prompt": {}}
     with masks_applied(pipe, variant.masks):
-        mem_scores = []
         for name, group in groups.items():
             if scorers:
                 prompts, seeds = _repeat(group.prompts, settings.seeds)
@@ -288,15 +288,16 @@ def evaluate_variant(variant: Variant, groups: dict[str, PromptSet], ordinary: P
                 if name == "heldout" or len(groups) == 1 or not grid:
                     grid = {"group": name, "images": [images[i * len(settings.seeds)]
                             for i in range(min(grid_count, len(group)))]}
-            mem_scores.append(_detect(pipe, group, settings.seeds, detector_cfg, settings,
-                                      f"{variant.name}: detect {name}"))
-            detector["per_prompt"][name] = mem_scores[-1]
+            detector["per_prompt"][name] = _detect(pipe, group, settings.seeds, detector_cfg,
+                                                   settings, f"{variant.name}: detect {name}")
         prompts, seeds = _repeat(ordinary.prompts, settings.ordinary_seeds)
         with _progress(settings, len(prompts), f"{variant.name}: ordinary") as bar:
             ordinary_images = generate_images(pipe, prompts, seeds, sampling, bar)
-        ord_scores = _detect(pipe, ordinary, settings.ordinary_seeds, detector_cfg, settings,
-                             f"{variant.name}: detect ordinary")
-        detector["per_prompt"]["ordinary"] = ord_scores
+        # The detector gives ordinary prompts as many seeds as memorized ones, so that both
+        # sides of the AUROC average over the same number of samples.
+        detector["per_prompt"]["ordinary"] = _detect(pipe, ordinary, settings.seeds,
+                                                     detector_cfg, settings,
+                                                     f"{variant.name}: detect ordinary")
         utility = _utility(ordinary_images, ordinary, settings, clip, original_ordinary)
     detector |= _detector_summary(detector["per_prompt"], groups)
     return VariantResult(variant.name, variant.kind, variant.k, variant.size(), memorization,
