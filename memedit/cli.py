@@ -314,5 +314,19 @@ def merge_stats_command(files: tuple[Path, ...], out: Path, overwrite: bool) -> 
     click.echo(f"{len(files)} files, {merged.num_prompts} prompts -> {out}")
 
 
+def _register_subcommands() -> None:
+    # Evaluation and the ONNX side keep their commands next to their code; heavy imports
+    # (optimum, onnxruntime) stay inside the command bodies, so `memedit --help` is quick.
+    from memedit.evaluation.cli import detect_command, evaluate_command, sweep_command
+    from memedit.export.cli import export_command, generate_command, verify_onnx_command
+
+    for command in (evaluate_command, sweep_command, detect_command, export_command,
+                    verify_onnx_command, generate_command):
+        cli.add_command(command)
+
+
+_register_subcommands()
+
+
 def main() -> None:
     cli()
