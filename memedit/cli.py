@@ -305,13 +305,17 @@ def compare_command(first: Path, second: Path, as_json: bool) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--overwrite", is_flag=True)
-def merge_stats_command(files: tuple[Path, ...], out: Path, overwrite: bool) -> None:
+@click.option("--json", "as_json", is_flag=True)
+def merge_stats_command(files: tuple[Path, ...], out: Path, overwrite: bool,
+                        as_json: bool) -> None:
     """Merge statistics saved by `locate --save-stats` (runs over other prompts or machines)."""
     from memedit.statistics import ActivationStats, merge_stats
 
     merged = merge_stats([ActivationStats.load(p) for p in files])
     merged.save(out, overwrite=overwrite)
-    click.echo(f"{len(files)} files, {merged.num_prompts} prompts -> {out}")
+    data = {"merged": str(out), "files": [str(p) for p in files],
+            "num_prompts": merged.num_prompts, "prompt_sets": merged.prompt_sets}
+    emit(data, as_json, lambda d: f"{len(files)} files, {d['num_prompts']} prompts -> {out}")
 
 
 def _register_subcommands() -> None:
