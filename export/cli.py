@@ -100,8 +100,6 @@ def _run_checked(action, as_json: bool):
               help="Audit against this subspace (default: the one a baked model carries).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: Optimum's).")
 @click.option("--fp16", is_flag=True, help="Export in float16 (needs a CUDA GPU).")
-@click.option("--dynamic-axes/--static-axes", default=True, show_default=True,
-              help="Dynamic batch, sequence and image axes.")
 @click.option("--parity/--no-parity", default=True, show_default=True,
               help="Check ONNX Runtime against PyTorch after export.")
 @click.option("--optimum-validation/--no-optimum-validation", default=True, show_default=True,
@@ -109,14 +107,14 @@ def _run_checked(action, as_json: bool):
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled (.bin/.ckpt) weights.")
 @_threshold_options
 @_errors
-def export_command(model, out, overwrite, subspace, opset, fp16, dynamic_axes, parity,
+def export_command(model, out, overwrite, subspace, opset, fp16, parity,
                    optimum_validation, allow_pickle, as_json, threads, **kwargs):
     """Export MODEL_DIR to ONNX with Optimum, audit the zeroed weights, check parity."""
     from memedit.export.api import export_onnx
     from memedit.export.onnx import ExportOptions
 
     thresholds, inputs = _parity_args(kwargs)
-    options = ExportOptions(opset, fp16, dynamic_axes, optimum_validation)
+    options = ExportOptions(opset, fp16, optimum_validation)
     _run_checked(lambda: export_onnx(model, out, options, overwrite, subspace, parity,
                                      thresholds, inputs, threads, allow_pickle), as_json)
 

@@ -33,11 +33,16 @@ PROVENANCE_DIR = "memedit"
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """How Optimum exports. ``opset=None`` keeps Optimum's default for diffusion models."""
+    """How Optimum exports. ``opset=None`` keeps Optimum's default for diffusion models.
+
+    Axes are always dynamic (batch, sequence, height, width, as Optimum declares them):
+    Optimum's static option fixes one batch size for every component, but the pipeline runs
+    the text encoder and VAE at batch N and the UNet at 2N (classifier-free guidance), and the
+    text encoder at the tokenizer's full length, so a static SD export cannot run its pipeline.
+    """
 
     opset: int | None = None
     fp16: bool = False
-    dynamic_axes: bool = True  # dynamic batch / sequence / spatial axes, as Optimum declares
     optimum_validation: bool = True  # Optimum's own output check on its dummy inputs
     device: str | None = None  # None: cuda for fp16, else cpu
 
@@ -49,7 +54,6 @@ class ExportInfo:
     seconds: float
     opset: int | None
     fp16: bool
-    dynamic_axes: bool
     files: dict[str, int] = field(default_factory=dict)  # relative path -> bytes
     optimum_validation: str = "skipped"  # passed | skipped | "warning: ..."
     checker_seconds: float = 0.0
@@ -130,7 +134,7 @@ def export_pipeline(pipe, folder: Path, options: ExportOptions = ExportOptions()
                 task="text-to-image",
                 opset=options.opset,
                 device=device,
-                no_dynamic_axes=not options.dynamic_axes,
+                no_dynamic_axes=False,
                 do_validation=options.optimum_validation,
             )
         except (ValueError, RuntimeError, KeyError) as err:
@@ -143,8 +147,8 @@ def export_pipeline(pipe, folder: Path, options: ExportOptions = ExportOptions()
         validation = "warning: " + " | ".join(problems) if problems else "passed"
     check_start = time.perf_counter()
     check_models(folder)
-    return ExportInfo(seconds, options.opset, options.fp16, options.dynamic_axes,
-                      onnx_files(folder), validation, time.perf_counter() - check_start)
+    return ExportInfo(seconds, options.opset, options.fp16, onnx_files(folder), validation,
+                      time.perf_counter() - check_start)
 
 
 def read_record(onnx_dir: str | os.PathLike) -> dict:
