@@ -247,3 +247,17 @@ def test_initializer_index_reads_every_float_weight(sanitized_export):
     out, _ = sanitized_export
     inits = list(iter_initializers(out / "text_encoder/model.onnx"))
     assert inits and all(i.array().size == i.numel for i in inits)
+
+
+def test_external_data_export_is_audited_and_loaded(sanitized_model_dir, tmp_path, monkeypatch):
+    """The >2 GB path on a small model: Optimum's switch forces model.onnx + model.onnx_data;
+    the audit reads the weights through the memory map and ORT loads the folder."""
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
+    out = tmp_path / "external"
+    report = export_onnx(sanitized_model_dir, out, QUICK, inputs=FAST, threads=1)
+    assert (out / "unet/model.onnx_data").is_file()
+    assert "unet/model.onnx_data" in report.export.files
+    assert report.audit.passed and report.parity.passed
+    external = [i for i in iter_initializers(out / "unet/model.onnx")
+                if i.tensor.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and isinstance(external[0].array(), np.memmap)
