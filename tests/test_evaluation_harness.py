@@ -251,12 +251,14 @@ def test_evaluate_baked_model_with_random_control(tmp_path, tiny_model_dir, prom
     locate_file.write_text("\n".join(memorized.read_text().splitlines()[:2]) + "\n")
     out = tmp_path / "eval"
     result = _invoke(evaluate_command, [
-        "--model", str(baked), "--baseline", str(tiny_model_dir), "--memorized", str(memorized),
+        "--model", str(baked), "--memorized", str(memorized),
         "--locate-prompts", str(locate_file), "--ordinary", str(ordinary), "--controls",
         "random", "--out", str(out), *FAST_ARGS])
     assert result.exit_code == 0, result.output + repr(result.exception)
     report = json.loads((out / "report.json").read_text())
     by_name = {v["name"]: v for v in report["variants"]}
+    # No --baseline: the original recorded at bake time is used.
+    assert report["context"]["baseline"] == str(Path(tiny_model_dir).resolve())
     assert list(by_name) == ["original", "sanitized", "random"]
     assert by_name["sanitized"]["zeroed"] == by_name["random"]["zeroed"] == subspace.totals()
     assert set(by_name["sanitized"]["memorization"]) == {"locate", "heldout"}

@@ -144,8 +144,22 @@ def _controls(text: str) -> tuple[str, ...] | None:
     return names
 
 
+def _bake_source(model) -> dict | None:
+    """Where a memedit-baked ``model`` came from (``spec``, ``path``), else ``None``."""
+    from memedit.inspection import provenance
+
+    if model is None or not Path(model).is_dir():
+        return None
+    info = provenance(Path(model))
+    return info.get("source") if info else None
+
+
 def _embedded_defaults(model, options: dict) -> None:
-    """Fill in the embedded test model's prompt files where the user gave none."""
+    """Fill in the embedded test model's prompt files where the user gave none: for the
+    embedded model itself, and for a model baked from it."""
+    source = _bake_source(model)
+    if source is not None and source.get("spec") == "memedit-testbed":
+        model = None
     wanted = {"memorized": "memorized_heldout", "ordinary": "ordinary_unseen",
               "locate_prompts": "memorized_locate", "nemo_reference": "ordinary_seen"}
     missing = [key for key in wanted if options[key] is None]
@@ -220,6 +234,9 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
         context = {"model": source.spec}
     else:
         pipe, source = load(model)
+        origin = _bake_source(model)
+        if baseline is None and origin is not None and Path(origin["path"]).is_dir():
+            baseline = origin["path"]  # the original recorded at bake time
         baseline_pipe, baseline_source = load(baseline) if baseline else (None, None)
         try:
             subspace = Subspace.load(source.path)
@@ -249,7 +266,8 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
 @click.command(name="evaluate")
 @click.option("--model", help="The sanitized model (with --k: the original). Default: the "
                               "embedded test model.")
-@click.option("--baseline", help="The original model, evaluated side by side.")
+@click.option("--baseline", help="The original model, evaluated side by side. Default for a "
+                                 "model memedit baked: the original recorded at bake time.")
 @evaluation_options
 @sampling_options
 def evaluate_command(model, baseline, **options):
