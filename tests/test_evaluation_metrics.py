@@ -279,3 +279,17 @@ def test_scene_utility_plugs_into_the_embedded_scorer():
     images = [scenes.render(spec), np.full((32, 32, 3), 0.5, dtype=np.float32)]
     out = scene_utility(images, records)  # the scorer is found by itself
     assert out["overall"] == 0.5 and out["n"] == 2  # the render passes, grey fails
+
+
+def test_nearest_distinct_training_pair(tmp_path):
+    from memedit.evaluation.harness import nearest_distinct_pair
+    from memedit.prompts import PromptSet
+
+    paths = [_save(tmp_path / f"{i}.png", np.full((8, 8, 3), v / 255, dtype=np.float32))
+             for i, v in enumerate((51, 77, 230))]
+    records = tuple(PromptRecord(f"p{i}", (p,)) for i, p in enumerate(paths))
+    # The same image named twice counts once.
+    group = PromptSet("mem", (*records, PromptRecord("again", (paths[0],))))
+    assert nearest_distinct_pair(Scorer("mse"), {"heldout": group}) == \
+        pytest.approx((26 / 255) ** 2, rel=1e-6)
+    assert nearest_distinct_pair(Scorer("mse"), {"heldout": group.subset([0])}) is None

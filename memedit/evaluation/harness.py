@@ -29,7 +29,7 @@ from memedit.evaluation.detector import (
     detector_scores,
     text_noise_magnitudes,
 )
-from memedit.evaluation.similarity import MEASURES, Scorer, aggregate_ground_truths
+from memedit.evaluation.similarity import MEASURES, Scorer, aggregate_ground_truths, resize
 from memedit.evaluation.utility import CLIPScorer, drift, scene_scorer, scene_utility
 from memedit.locate import LocateConfig, locate
 from memedit.prompts import PromptSet
@@ -370,7 +370,7 @@ class Inputs:
         return {"locate": self.locate_prompts, "heldout": self.memorized}
 
 
-def _prepare(inputs: Inputs, settings: EvalSettings) -> tuple[dict, dict, list[str]]:
+def _prepare(inputs: Inputs, settings: EvalSettings) -> tuple[dict, dict, list[str], dict]:
     if settings.measure == "sscd" and inputs.sscd is None:
         raise MemeditError("--measure sscd needs the SSCD model.", "Pass --sscd PATH.")
     if not settings.seeds or not settings.ordinary_seeds:
@@ -389,7 +389,35 @@ def _prepare(inputs: Inputs, settings: EvalSettings) -> tuple[dict, dict, list[s
     if inputs.ordinary.records and all(r.extra.get("scene") for r in inputs.ordinary.records) \
             and scene_scorer() is None:
         notes.append("The ordinary prompts carry scenes but this build has no scene scorer.")
-    return groups, scorers, notes
+    if scorers and settings.measure == "mse":
+        nearest = nearest_distinct_pair(scorers["mse"], groups)
+        if nearest is not None and settings.resolved_thresholds and \
+                max(settings.resolved_thresholds) >= nearest:
+            notes.append(f"The MSE threshold {max(settings.resolved_thresholds)} is not below "
+                         f"the distance between the two closest distinct training images "
+                         f"({nearest:.4f}): a generation could count as a copy of either.")
+        calibration = {"nearest_distinct_training_pair_mse": nearest}
+    else:
+        calibration = {}
+    return groups, scorers, notes, calibration
+
+
+def nearest_distinct_pair(scorer: Scorer, groups: dict[str, PromptSet],
+                          limit: int = 200) -> float | None:
+    """The smallest pixel MSE between two different training images (at the first image's
+    size): a copy threshold must sit well below it. ``None`` for one image or over ``limit``."""
+    paths = list(dict.fromkeys(p for g in groups.values() for r in g.records for p in r.images))
+    if not 1 < len(paths) <= limit:
+        return None
+    first = scorer.training_image(paths[0])
+    h, w = first.shape[:2]
+    images = np.stack([resize(scorer.training_image(p), h, w) for p in paths]).reshape(
+        len(paths), -1).astype(np.float64)
+    squared = (images ** 2).sum(axis=1)
+    # ||a - b||^2 = |a|^2 + |b|^2 - 2ab, for every pair at once.
+    distances = (squared[:, None] + squared[None, :] - 2 * images @ images.T) / images.shape[1]
+    distances[np.diag_indices(len(paths))] = np.inf
+    return float(max(distances.min(), 0.0))
 
 
 def evaluate(model_pipe, inputs: Inputs, settings: EvalSettings, baseline_pipe=None,
@@ -402,7 +430,7 @@ def evaluate(model_pipe, inputs: Inputs, settings: EvalSettings, baseline_pipe=N
     ``nemo`` is located on the locate prompts (or the memorized ones if none are given) with
     ``nemo_options["reference"]`` (default: the ordinary prompts) as reference.
     """
-    groups, scorers, notes = _prepare(inputs, settings)
+    groups, scorers, notes, calibration = _prepare(inputs, settings)
     variants: list[Variant] = []
     if baseline_pipe is not None:
         variants.append(Variant("original", "original", baseline_pipe))
@@ -426,7 +454,7 @@ def evaluate(model_pipe, inputs: Inputs, settings: EvalSettings, baseline_pipe=N
         else:
             raise MemeditError(f"Unknown control {control!r}.", "Use random and/or nemo.")
     results = _run_variants(variants, groups, inputs, settings, scorers)
-    return EvaluationResult(settings, groups, inputs.ordinary, results, notes)
+    return EvaluationResult(settings, groups, inputs.ordinary, results, notes, calibration)
 
 
 def sweep(pipe, inputs: Inputs, settings: EvalSettings, ks: Sequence[float],
@@ -439,7 +467,7 @@ def sweep(pipe, inputs: Inputs, settings: EvalSettings, ks: Sequence[float],
         raise MemeditError("A sweep locates on its own prompts and needs them.",
                            "Pass --locate-prompts FILE, or let --locate-fraction split "
                            "--memorized.")
-    groups, scorers, notes = _prepare(inputs, settings)
+    groups, scorers, notes, calibration = _prepare(inputs, settings)
     variants = [Variant("original", "original", pipe)]
     located = {}
     for k in ks:
@@ -459,7 +487,7 @@ def sweep(pipe, inputs: Inputs, settings: EvalSettings, ks: Sequence[float],
         variants.append(_nemo_variant(pipe, inputs, nemo_options or {}))
     results = _run_variants(variants, groups, inputs, settings, scorers)
     return EvaluationResult(settings, groups, inputs.ordinary, results, notes,
-                            {"locate": {"ks": list(ks), "tau": locate_config.tau,
+                            calibration | {"locate": {"ks": list(ks), "tau": locate_config.tau,
                                         "rho": locate_config.rho,
                                         "targets": list(locate_config.targets),
                                         "granularity": locate_config.granularity,
