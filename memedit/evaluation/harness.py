@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -31,8 +31,8 @@ from memedit.evaluation.detector import (
 )
 from memedit.evaluation.similarity import MEASURES, Scorer, aggregate_ground_truths, resize
 from memedit.evaluation.utility import CLIPScorer, drift, scene_scorer, scene_utility
-from memedit.locate import LocateConfig, locate
-from memedit.prompts import PromptSet
+from memedit.locate import LocateConfig, record_statistics, select_subspace
+from memedit.prompts import PromptSet, empty_reference
 from memedit.sampling import SamplingConfig, generate_images
 from memedit.subspace import Subspace
 from memedit.weights import split_key
@@ -469,14 +469,13 @@ def sweep(pipe, inputs: Inputs, settings: EvalSettings, ks: Sequence[float],
                            "--memorized.")
     groups, scorers, notes, calibration = _prepare(inputs, settings)
     variants = [Variant("original", "original", pipe)]
-    located = {}
+    # Statistics do not depend on k: record them once, select once per k.
+    stats_mem = record_statistics(pipe, inputs.locate_prompts, locate_config,
+                                  progress=settings.progress)
+    stats_ref = record_statistics(pipe, reference or empty_reference(1), locate_config,
+                                  progress=settings.progress)
     for k in ks:
-        config = LocateConfig(targets=locate_config.targets, k=k, tau=locate_config.tau,
-                              rho=locate_config.rho, granularity=locate_config.granularity,
-                              sampling=locate_config.sampling)
-        subspace = locate(pipe, inputs.locate_prompts, reference, config,
-                          progress=settings.progress)
-        located[k] = subspace
+        subspace = select_subspace(pipe, stats_mem, stats_ref, replace(locate_config, k=k))
         variants.append(Variant(f"located k={k:g}", "located", pipe, subspace.masks, k,
                                 info={"method": subspace.manifest.get("method", {})}))
         if "random" in controls:
