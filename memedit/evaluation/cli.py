@@ -199,6 +199,10 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
     ks = _floats(options["ks"], "--k")
     if sweep_mode and ks is None:
         raise MemeditError("A sweep needs the k values.", "Pass --k 0.005,0.01,0.02.")
+    if ks is not None and baseline is not None:
+        raise MemeditError("With --k, --model is the original and every edit is applied to it "
+                           "in memory, so --baseline has no role.",
+                           "Drop --baseline, or drop --k to evaluate a baked model.")
     out = check_output_dir(options["out"], options["overwrite"])
     measure = options["measure"]
     if measure == "auto":
