@@ -116,7 +116,8 @@ def verify_loaded(pipe, onnx_dir: Path, masks=None, thresholds: Thresholds | Non
     return report
 
 
-def _failure(report: VerifyReport) -> VerificationFailed:
+def failure(report: VerifyReport) -> VerificationFailed:
+    """The error that explains why ``report`` failed (audit first, then parity)."""
     if report.audit is not None and not report.audit.passed:
         bad = [r.key for r in report.audit.results if not r.passed]
         return VerificationFailed(
@@ -168,7 +169,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
         report.export = info
         report.onnx_dir = str(Path(out).expanduser().resolve())
         if not report.passed:
-            raise _failure(report)
+            raise failure(report)
         write_record(tmp, {"source": {"spec": source.spec, "path": str(source.path),
                                       "hub_id": source.hub_id},
                            "subspace": str(subspace) if subspace else (

@@ -74,18 +74,18 @@ def _emit(report, as_json: bool) -> None:
 
 def _run_checked(action, as_json: bool):
     """Run an export/verify action; print the report; exit 1 if it failed."""
-    from memedit.export.api import VerificationFailed
+    from memedit.export.api import VerificationFailed, failure
 
     try:
         report = action()
-    except VerificationFailed as failure:
-        _emit(failure.report, as_json)
-        click.echo(f"Error: {failure.message}", err=True)
-        if failure.hint:
-            click.echo(f"Hint: {failure.hint}", err=True)
-        raise click.exceptions.Exit(1) from None
+        problem = None if report.passed else failure(report)
+    except VerificationFailed as raised:
+        report, problem = raised.report, raised
     _emit(report, as_json)
-    if not report.passed:
+    if problem is not None:
+        click.echo(f"Error: {problem.message}", err=True)
+        if problem.hint:
+            click.echo(f"Hint: {problem.hint}", err=True)
         raise click.exceptions.Exit(1)
     return report
 

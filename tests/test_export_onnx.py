@@ -143,6 +143,13 @@ def test_audit_fails_when_zeroed_weights_were_altered_in_onnx(sanitized_export, 
     bad = [r for r in audit.results if not r.passed]
     assert [r.key for r in bad] == [key]
     assert bad[0].status == "nonzero-in-onnx" and bad[0].nonzero == int(masks[key].sum())
+    # verify-onnx (source model from the export record, subspace stored in the folder) refuses.
+    result = CliRunner().invoke(verify_onnx_command, [str(tampered), "--provider", "cpu",
+                                                      "--threads", "1", "--json"])
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["audit"]["passed"] is False and data["parity"] is None
+    assert "Sanitization audit failed" in result.stderr
 
 
 def test_export_refused_when_model_is_not_sanitized_by_its_subspace(
