@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from memedit.errors import MemeditError
 from memedit.export.audit import AuditReport, audit_export
@@ -24,6 +25,10 @@ from memedit.export.onnx import (
 )
 from memedit.export.parity import ParityInputs, ParityReport, Thresholds, check_parity
 from memedit.export.runtime import load_ort_pipeline
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
 
 
 @dataclass
@@ -96,7 +101,9 @@ def load_subspace(path: str | os.PathLike | None):
     return None
 
 
-def verify_loaded(pipe, onnx_dir: Path, masks=None, thresholds: Thresholds | None = None,
+def verify_loaded(pipe: DiffusionPipeline, onnx_dir: Path,
+                  masks: dict[str, torch.Tensor] | None = None,
+                  thresholds: Thresholds | None = None,
                   inputs: ParityInputs | None = None, parity: bool = True,
                   full_pipeline: bool = True, provider: str = "cpu", threads: int | None = None,
                   source: str = "", audit_note: str = "") -> VerifyReport:

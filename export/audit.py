@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -27,6 +28,11 @@ from onnx import numpy_helper
 
 from memedit.errors import MemeditError
 from memedit.weights import split_key
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from diffusers import DiffusionPipeline
 
 # The ONNX file of each exported component, as Optimum names the folders.
 COMPONENT_FILES = {
@@ -235,7 +241,7 @@ def _audit_param(key: str, label: str, w: np.ndarray, m: np.ndarray,
     return ParamAudit(key, label, masked, status, nonzero, matches)
 
 
-def pipeline_params(pipe, keys) -> dict[str, torch.Tensor]:
+def pipeline_params(pipe: DiffusionPipeline, keys: Iterable[str]) -> dict[str, torch.Tensor]:
     """The PyTorch tensors named ``component/parameter`` in a loaded pipeline."""
     params = {}
     for key in keys:
@@ -249,7 +255,7 @@ def pipeline_params(pipe, keys) -> dict[str, torch.Tensor]:
     return params
 
 
-def audit_export(masks: Mapping[str, torch.Tensor], pipe, onnx_dir: str | Path,
+def audit_export(masks: Mapping[str, torch.Tensor], pipe: DiffusionPipeline, onnx_dir: str | Path,
                  atol: float = 0.0) -> AuditReport:
     """Audit an exported folder: each masked weight of ``pipe`` must be zero in the ONNX graph.
 

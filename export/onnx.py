@@ -22,10 +22,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from memedit.errors import MemeditError
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 EXPORT_RECORD = "onnx_export.json"
 PROVENANCE_DIR = "memedit"
@@ -120,7 +124,8 @@ def check_models(folder: Path) -> None:
                                "Report this with the model and the options used.") from None
 
 
-def export_pipeline(pipe, folder: Path, options: ExportOptions = ExportOptions()) -> ExportInfo:
+def export_pipeline(pipe: DiffusionPipeline, folder: Path,
+                    options: ExportOptions = ExportOptions()) -> ExportInfo:
     """Export a loaded pipeline with Optimum into ``folder``, then run ``onnx.checker``."""
     from optimum.exporters.onnx import onnx_export_from_model
 

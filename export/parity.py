@@ -15,9 +15,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+    from optimum.onnxruntime import ORTDiffusionPipeline
 
 
 @dataclass(frozen=True)
@@ -119,13 +124,14 @@ def compare(name: str, reference, got, thresholds: Thresholds, image: bool = Fal
     return Comparison(name, list(out.shape), max_abs, mean_abs, passed, None, limits)
 
 
-def _latent_size(pipe) -> int:
+def _latent_size(pipe: DiffusionPipeline) -> int:
     size = pipe.unet.config.sample_size
     return size if isinstance(size, int) else size[0]
 
 
 @torch.no_grad()
-def component_parity(pipe, ort_pipe, thresholds: Thresholds = Thresholds(),
+def component_parity(pipe: DiffusionPipeline, ort_pipe: ORTDiffusionPipeline,
+                     thresholds: Thresholds = Thresholds(),
                      inputs: ParityInputs = ParityInputs()) -> list[Comparison]:
     """Text encoder, UNet, VAE decoder and encoder on identical inputs."""
     gen = torch.Generator("cpu").manual_seed(inputs.seed)
@@ -164,7 +170,8 @@ def component_parity(pipe, ort_pipe, thresholds: Thresholds = Thresholds(),
 
 
 @torch.no_grad()
-def image_parity(pipe, ort_pipe, thresholds: Thresholds = Thresholds(),
+def image_parity(pipe: DiffusionPipeline, ort_pipe: ORTDiffusionPipeline,
+                 thresholds: Thresholds = Thresholds(),
                  inputs: ParityInputs = ParityInputs()) -> tuple[Comparison, np.ndarray]:
     """The whole text-to-image pipeline on both runtimes, from the same latents.
 
@@ -183,7 +190,8 @@ def image_parity(pipe, ort_pipe, thresholds: Thresholds = Thresholds(),
     return comparison, np.asarray(ref[0], dtype=np.float32)
 
 
-def check_parity(pipe, ort_pipe, thresholds: Thresholds = Thresholds(),
+def check_parity(pipe: DiffusionPipeline, ort_pipe: ORTDiffusionPipeline,
+                 thresholds: Thresholds = Thresholds(),
                  inputs: ParityInputs = ParityInputs(), provider: str = "CPUExecutionProvider",
                  full_pipeline: bool = True) -> ParityReport:
     """Component parity, then whole-image parity; a report with the verdict."""
