@@ -94,6 +94,10 @@ def sampling_options(func):
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--batch-size", type=int, default=8, show_default=True,
                   help="Prompts per pipeline call.")
+    @click.option("--height", type=int, default=None,
+                  help="Image height (default: the model's native size).")
+    @click.option("--width", type=int, default=None,
+                  help="Image width (default: the model's native size).")
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
@@ -121,7 +125,8 @@ def _locate(opts: dict):
         targets=parse_target_kinds(opts["targets"]), k=opts["k"], tau=opts["tau"],
         rho=opts["rho"], granularity=opts["granularity"],
         sampling=SamplingConfig(steps=opts["steps"], guidance_scale=opts["guidance_scale"],
-                                seed=opts["seed"], batch_size=opts["batch_size"]))
+                                seed=opts["seed"], batch_size=opts["batch_size"],
+                                height=opts["height"], width=opts["width"]))
     config.validate()
     if opts["memorized"] and opts["memorized_stats"]:
         raise MemeditError("Pass --memorized or --memorized-stats, not both.",
