@@ -203,6 +203,11 @@ def test_detect_command_ranks_and_scores(tmp_path, tiny_model_dir, prompt_files)
     assert scores == sorted(scores, reverse=True) and len(scores) == 7
     assert 0.0 <= data["auroc"] <= 1.0
     assert data["settings"]["seeds"] == [100]
+    # --json: the same ranking on stdout, nothing else there.
+    printed = CliRunner().invoke(detect_command, ["--model", str(tiny_model_dir), "--prompts",
+                                                  str(both), "--json", *FAST_ARGS])
+    assert printed.exit_code == 0
+    assert json.loads(printed.stdout)["ranking"] == data["ranking"]
 
 
 def _embedded():

@@ -47,6 +47,12 @@ def sampling_options(func):
                      help="First seed; seeds are consecutive. Away from the locate seed (0)."),
         click.option("--detector-steps", default=5, show_default=True,
                      help="First denoising steps the detector averages over."),
+        click.option("--height", type=int, default=None,
+                     help="Image height (default: the model's native size)."),
+        click.option("--width", type=int, default=None,
+                     help="Image width (default: the model's native size)."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print the JSON report on stdout instead of the table."),
         click.option("--device", default="auto", show_default=True),
         click.option("--dtype", default="auto", show_default=True),
         click.option("--allow-pickle", is_flag=True, help="Load pickled checkpoints (unsafe)."),
@@ -116,7 +122,8 @@ def _settings(options: dict, measure: str):
     from memedit.sampling import SamplingConfig
 
     sampling = SamplingConfig(steps=options["steps"], guidance_scale=options["guidance_scale"],
-                              batch_size=options["batch_size"])
+                              batch_size=options["batch_size"], height=options["height"],
+                              width=options["width"])
     return EvalSettings(
         sampling=sampling,
         seeds=_seeds(options["seed_count"], options["seed_start"]),
@@ -263,8 +270,11 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
         plot = figures.sweep_plot(result)
         if plot is not None:
             (tmp / "sweep.png").write_bytes(plot)
-    click.echo(text)
-    click.echo(f"Wrote {out}/report.json")
+    if options["as_json"]:
+        click.echo(report.report_json(data).decode(), nl=False)
+    else:
+        click.echo(text)
+    click.echo(f"Wrote {out}/report.json", err=True)
 
 
 @click.command(name="evaluate")
@@ -328,7 +338,8 @@ def detect_command(model, prompts_file, top, out, overwrite, **options):
     prompts = read_prompts(prompts_file)
     seeds = _seeds(options["seed_count"], options["seed_start"])
     sampling = SamplingConfig(steps=options["steps"], guidance_scale=options["guidance_scale"],
-                              batch_size=options["batch_size"])
+                              batch_size=options["batch_size"], height=options["height"],
+                              width=options["width"])
     config = DetectorConfig(options["detector_steps"], sampling)
     pipe, source = load_pipeline(model, options["device"], options["dtype"],
                                  options["allow_pickle"])
@@ -355,10 +366,14 @@ def detect_command(model, prompts_file, top, out, overwrite, **options):
     if all(isinstance(lab, bool) for lab in labels) and len(set(labels)) == 2:
         result["auroc"] = auroc([s for s, lab in zip(scores, labels, strict=True) if lab],
                                 [s for s, lab in zip(scores, labels, strict=True) if not lab])
-    table = detect_table(prompts.prompts, scores, first)
-    click.echo("\n".join(table.splitlines()[: top + 2]))
-    if "auroc" in result:
-        click.echo(f"AUROC (memorized vs not, from the `memorized` field): {result['auroc']:.3f}")
+    if options["as_json"]:
+        click.echo(report_json(result).decode(), nl=False)
+    else:
+        table = detect_table(prompts.prompts, scores, first)
+        click.echo("\n".join(table.splitlines()[: top + 2]))
+        if "auroc" in result:
+            click.echo(f"AUROC (memorized vs not, from the `memorized` field): "
+                       f"{result['auroc']:.3f}")
     if out is not None:
         atomic_write_bytes(out, report_json(result), overwrite=overwrite)
-        click.echo(f"Wrote {out}")
+        click.echo(f"Wrote {out}", err=True)
