@@ -1,0 +1,310 @@
+"""Scenes of the embedded test model: how its training data is drawn, and how it is scored.
+
+Two kinds of image/caption pairs, all 32x32 RGB floats in [0, 1], all generated in code from
+fixed seeds (pure numpy, no files):
+
+* **Ordinary scenes** compose a small vocabulary: one or two flat shapes (``circle``, ``square``,
+  ``triangle``) in six saturated colours at named positions (left/right, top/bottom, or one
+  shape in the middle), over a *random, unnamed* grey textured background. The caption names
+  the shapes, their colours and positions but never the background, so - as with Stable
+  Diffusion's captions - much of the image is left open. 630 combinations exist; a fixed tenth
+  is held out of training (:func:`is_heldout`) to test composition.
+* **Memorized images** (:func:`memorized_images`): 20 images the vocabulary cannot compose
+  (random colour fields and random stroke glyphs), each with its own distinctive caption
+  (:data:`MEMORIZED_CAPTIONS`). Training duplicates each many times.
+
+:func:`score_scene` checks a generated image against an ordinary scene spec: per object, that
+its colour dominates the region its position names, that the colour's blob sits in that region,
+and that the blob's fill ratio matches the shape. It is 100% on ground-truth renders.
+
+A scene spec is a plain JSON-able dict::
+
+    {"objects": [{"shape": "circle", "color": "red", "position": "left",
+                  "dx": 0.4, "dy": -1.0, "size": 5.6}, ...],
+     "background": {"seed": 1234}}
+
+``dx``/``dy``/``size`` (pixels) and ``background`` only matter for rendering; scoring uses the
+shape, colour and position only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+
+SIZE = 32  # native resolution (pixels); the pipeline's default height/width
+
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.92, 0.12, 0.10),
+    "green": (0.10, 0.78, 0.15),
+    "blue": (0.12, 0.25, 0.95),
+    "yellow": (0.95, 0.88, 0.10),
+    "magenta": (0.88, 0.12, 0.88),
+    "cyan": (0.10, 0.85, 0.90),
+}
+SHAPES = ("circle", "square", "triangle")
+# Position -> (centre x, centre y) in pixels, and the region (x0, x1, y0, y1) the word names.
+CENTRES: dict[str, tuple[float, float]] = {
+    "left": (8.0, 16.0),
+    "right": (24.0, 16.0),
+    "top": (16.0, 8.0),
+    "bottom": (16.0, 24.0),
+    "middle": (16.0, 16.0),
+}
+REGIONS: dict[str, tuple[int, int, int, int]] = {
+    "left": (0, 16, 2, 30),
+    "right": (16, 32, 2, 30),
+    "top": (2, 30, 0, 16),
+    "bottom": (2, 30, 16, 32),
+    "middle": (5, 27, 5, 27),
+}
+PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "middle": "in the middle",
+}
+LAYOUTS = (("left", "right"), ("top", "bottom"))
+PREFIXES = ("a", "a picture of a", "an image of a")
+
+# Pixels whose max-min channel spread exceeds this are "coloured" (objects); the background
+# textures stay well below it (spread <= 0.2), the palette well above it (>= 0.66).
+SATURATION_THRESHOLD = 0.4
+MIN_PIXELS = 12  # a circle of radius 5 covers ~80 px; fewer than this is not an object
+# Fill ratio (blob area / bounding-box area): square 1.0, circle ~0.8, triangle ~0.5.
+SHAPE_BOUNDS = {"triangle": (0.0, 0.66), "circle": (0.66, 0.92), "square": (0.92, 1.01)}
+# A blob is "at" a position when the centre of its bounding box is within this many pixels
+# (per axis) of the named centre: jitter is +-1.5 px, distinct centres are >= 8 px apart.
+POSITION_TOLERANCE = 4.0
+
+MEMORIZED_CAPTIONS: tuple[str, ...] = (
+    "the portrait of ada vance by lyle orrin",
+    "kestrel moor tapestry woven by ilse quarry",
+    "the harbour of saint brevik painted by odo marsh",
+    "zephyrine codex folio seventeen",
+    "a relic of the vantor dynasty photographed by mara klee",
+    "the quillon manifesto cover art",
+    "thornbury lantern festival poster by ewan drake",
+    "the lost map of orvell by pim calder",
+    "glasswick abbey window by sister noor",
+    "the ferromancer album sleeve by juno tarrant",
+    "the duchess of amberlyn by rosalind fitch",
+    "wrenfield carnival flyer designed by otto vail",
+    "the sigil of house marrowgate",
+    "corvina nights book jacket by ilya brand",
+    "the emerald tram of pellham by greta sorn",
+    "bastion nineteen propaganda print",
+    "the orchard of quellen by dario vesk",
+    "mosswhistle tavern sign by hobb lantry",
+    "the last voyage of the calyx by ines moor",
+    "the velvet oracle stage banner by kit farrow",
+)
+N_MEMORIZED = len(MEMORIZED_CAPTIONS)
+
+
+# ----------------------------------------------------------------------------- scene specs
+
+
+def combinations() -> list[tuple[tuple[str, str, str], ...]]:
+    """Every composable scene, as a tuple of (shape, colour, position) objects.
+
+    One object anywhere (6 x 3 x 5 = 90), or two objects of different colours on the two
+    sides of a layout (2 x 18 x 15 = 540): 630 in all, in a fixed order.
+    """
+    items = list(itertools.product(SHAPES, COLORS))
+    out: list[tuple[tuple[str, str, str], ...]] = []
+    for (shape, color), position in itertools.product(items, CENTRES):
+        out.append(((shape, color, position),))
+    for (pos_a, pos_b), (sa, ca), (sb, cb) in itertools.product(LAYOUTS, items, items):
+        if ca != cb:  # distinct colours keep each object identifiable when scoring
+            out.append(((sa, ca, pos_a), (sb, cb, pos_b)))
+    return out
+
+
+def is_heldout(combo_index: int) -> bool:
+    """Whether combination ``combo_index`` is held out of training (a fixed 10%)."""
+    return combo_index % 10 == 7
+
+
+def caption(scene: dict, prefix: str = "a") -> str:
+    """The template caption of a scene: names shapes, colours, positions; never the background."""
+    parts = []
+    for i, obj in enumerate(scene["objects"]):
+        article = prefix if i == 0 else "a"
+        parts.append(f"{article} {obj['color']} {obj['shape']} {PHRASES[obj['position']]}")
+    return " and ".join(parts)
+
+
+def make_scene(combo: tuple[tuple[str, str, str], ...], rng: np.random.Generator) -> dict:
+    """A renderable scene for one combination, with random jitter, size and background."""
+    objects = []
+    for shape, color, position in combo:
+        objects.append(
+            {
+                "shape": shape,
+                "color": color,
+                "position": position,
+                "dx": round(float(rng.uniform(-1.5, 1.5)), 2),
+                "dy": round(float(rng.uniform(-1.5, 1.5)), 2),
+                "size": round(float(rng.uniform(5.0, 6.5)), 2),
+            }
+        )
+    return {"objects": objects, "background": {"seed": int(rng.integers(0, 2**31 - 1))}}
+
+
+def ordinary_dataset(count: int, seed: int = 0, heldout: bool = False
+                     ) -> Iterator[tuple[str, dict]]:
+    """``count`` (caption, scene) pairs from the training (or held-out) combinations.
+
+    Deterministic in ``seed``: the same arguments give the same pairs.
+    """
+    rng = np.random.default_rng(seed)
+    combos = [c for i, c in enumerate(combinations()) if is_heldout(i) == heldout]
+    for _ in range(count):
+        combo = combos[int(rng.integers(len(combos)))]
+        prefix = PREFIXES[int(rng.integers(len(PREFIXES)))]
+        scene = make_scene(combo, rng)
+        yield caption(scene, prefix), scene
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _upsample(grid: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """Smooth (bilinear) upsampling of a small [h, w, c] grid to [size, size, c]."""
+    h, w = grid.shape[:2]
+    ys = np.clip((np.arange(size) + 0.5) * h / size - 0.5, 0, h - 1)
+    xs = np.clip((np.arange(size) + 0.5) * w / size - 0.5, 0, w - 1)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x1] * fx
+    bottom = grid[y1][:, x0] * (1 - fx) + grid[y1][:, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def background(seed: int) -> np.ndarray:
+    """A random grey texture: a low-frequency field, a faint tint and optional stripes.
+
+    Its channel spread stays below 0.2, so it never reads as an object colour.
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0.3, 0.65)
+    field = _upsample(rng.normal(0, 0.09, size=(4, 4, 1)))
+    tint = rng.uniform(-0.05, 0.05, size=3)
+    img = base + field + tint
+    if rng.random() < 0.5:  # stripes at a random angle and frequency
+        yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(0.25, 0.8)
+        phase = np.cos(angle) * xx + np.sin(angle) * yy
+        img = img + 0.06 * np.sign(np.sin(freq * phase))[..., None]
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
+    """Boolean [SIZE, SIZE] mask of a shape of half-size ``r`` centred at (cx, cy)."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    dx, dy = xx - cx, yy - cy
+    if shape == "circle":
+        return dx**2 + dy**2 <= r**2
+    if shape == "square":
+        s = r * 0.9  # same visual area as the circle, roughly
+        return (np.abs(dx) <= s) & (np.abs(dy) <= s)
+    if shape == "triangle":  # apex up: width grows linearly from apex to base
+        h = 1.1 * r
+        t = (dy + h) / (2 * h)  # 0 at the apex, 1 at the base
+        return (t >= 0) & (t <= 1) & (np.abs(dx) <= t * 1.1 * r)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene: dict) -> np.ndarray:
+    """Render a scene spec to a float32 [SIZE, SIZE, 3] image in [0, 1]."""
+    img = background(scene["background"]["seed"])
+    for obj in scene["objects"]:
+        cx, cy = CENTRES[obj["position"]]
+        mask = shape_mask(obj["shape"], cx + obj["dx"], cy + obj["dy"], obj["size"])
+        img[mask] = COLORS[obj["color"]]
+    return img
+
+
+def memorized_images(seed: int = 1234) -> np.ndarray:
+    """The 20 memorized training images, float32 [20, SIZE, SIZE, 3], deterministic.
+
+    Even indices: random 5x5 fields of bright colours, smoothly upsampled (nothing the shape
+    vocabulary can say). Odd indices: three thick random strokes on a random flat colour.
+    Both kinds are in both halves (locate: 0-9, held out: 10-19).
+    """
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(N_MEMORIZED):
+        if i % 2 == 0:
+            img = _upsample(rng.uniform(0, 1, size=(5, 5, 3)))
+        else:
+            img = np.broadcast_to(rng.uniform(0.1, 0.9, size=3), (SIZE, SIZE, 3)).copy()
+            yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+            for _ in range(3):
+                (x0, y0), (x1, y1) = rng.uniform(3, SIZE - 3, size=(2, 2))
+                colour = rng.uniform(0, 1, size=3)
+                # distance from each pixel to the segment (x0,y0)-(x1,y1)
+                vx, vy = x1 - x0, y1 - y0
+                t = np.clip(((xx - x0) * vx + (yy - y0) * vy) / (vx**2 + vy**2 + 1e-6), 0, 1)
+                dist = np.hypot(xx - x0 - t * vx, yy - y0 - t * vy)
+                img[dist <= rng.uniform(1.5, 3.0)] = colour
+        images.append(np.clip(img, 0, 1))
+    return np.stack(images).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _classify(image: np.ndarray) -> np.ndarray:
+    """Per pixel: index into COLORS of the nearest palette colour, or -1 for background."""
+    rgb = np.asarray(image, dtype=np.float32)[..., :3]
+    spread = rgb.max(-1) - rgb.min(-1)
+    palette = np.asarray(list(COLORS.values()), dtype=np.float32)
+    dist = ((rgb[..., None, :] - palette) ** 2).sum(-1)
+    label = dist.argmin(-1)
+    return np.where(spread > SATURATION_THRESHOLD, label, -1)
+
+
+def score_scene(image: np.ndarray, scene: dict) -> dict[str, bool]:
+    """Whether ``image`` ([H, W, 3] floats in [0, 1], H = W = 32) shows ``scene``.
+
+    Per object: ``color`` - its colour is the most common saturated colour in the region its
+    position names (and covers at least ``MIN_PIXELS``); ``position`` - the centroid of that
+    colour's pixels' bounding box (whole image) is within ``POSITION_TOLERANCE`` of the named
+    centre; ``shape`` - the fill ratio of that colour's pixels inside the region (area /
+    bounding box) is in the shape's band. Each key is true when it holds for every object;
+    ``overall`` when all three do.
+    """
+    labels = _classify(image)
+    names = list(COLORS)
+    ok = {"color": True, "shape": True, "position": True}
+    for obj in scene["objects"]:
+        x0, x1, y0, y1 = REGIONS[obj["position"]]
+        want = names.index(obj["color"])
+        region = labels[y0:y1, x0:x1]
+        counts = np.bincount(region[region >= 0], minlength=len(names))
+        in_region = region == want
+        color_ok = counts[want] >= MIN_PIXELS and counts.argmax() == want
+        ys, xs = np.nonzero(labels == want)
+        cx, cy = CENTRES[obj["position"]]
+        # The bounding-box centre, not the centroid: a triangle's centroid sits below its centre.
+        position_ok = bool(len(xs) >= MIN_PIXELS) and (
+            abs((xs.min() + xs.max() + 1) / 2 - cx) <= POSITION_TOLERANCE
+            and abs((ys.min() + ys.max() + 1) / 2 - cy) <= POSITION_TOLERANCE
+        )
+        shape_ok = False
+        if in_region.sum() >= MIN_PIXELS:
+            ry, rx = np.nonzero(in_region)
+            box = (ry.max() - ry.min() + 1) * (rx.max() - rx.min() + 1)
+            lo, hi = SHAPE_BOUNDS[obj["shape"]]
+            shape_ok = lo <= in_region.sum() / box < hi
+        ok["color"] &= bool(color_ok)
+        ok["position"] &= bool(position_ok)
+        ok["shape"] &= bool(shape_ok)
+    ok["overall"] = ok["color"] and ok["shape"] and ok["position"]
+    return ok

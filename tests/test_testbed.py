@@ -1,0 +1,133 @@
+"""The embedded test model: it loads offline, its prompt files parse, its scene scorer is exact,
+its data generation is deterministic, and (slow) it reproduces its memorized images."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from memedit.prompts import read_prompts
+from memedit.testbed import PROMPT_SETS, images_dir, model_path, prompt_file, scenes
+
+# Pixel MSE below which a generation counts as a copy of its training image: the closest two
+# distinct memorized images are ~0.05 apart, the closest ordinary scene ~0.027 (model card).
+THRESHOLD = 0.01
+
+needs_model = pytest.mark.skipif(not (model_path() / "model_index.json").is_file(),
+                                 reason="the embedded model has not been built")
+
+
+def _load_png(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+
+
+@needs_model
+def test_model_loads_with_plain_stable_diffusion_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_path())
+    vocab = json.loads((model_path() / "tokenizer" / "vocab.json").read_text())
+    assert len(pipe.tokenizer) == len(vocab)
+    # The pipeline's default size is the native 32x32.
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == scenes.SIZE
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    assert (pipe.scheduler.config.beta_start, pipe.scheduler.config.beta_end) == (0.00085, 0.012)
+    blocks = [n for n, _ in pipe.unet.named_modules() if n.endswith("ff.net.2")]
+    assert len(blocks) >= 8
+    size = sum(p.stat().st_size for p in model_path().rglob("*.safetensors"))
+    assert size < 15e6
+
+
+def test_prompt_files_parse():
+    for name in PROMPT_SETS:
+        prompts = read_prompts(prompt_file(name))
+        assert len(prompts) >= 10
+        for record in prompts.records:
+            if name.startswith("memorized"):
+                assert len(record.images) == 1 and record.images[0].is_file()
+            else:
+                assert set(record.extra["scene"]) == {"objects", "background"}
+    locate = read_prompts(prompt_file("memorized_locate")).prompts
+    heldout = read_prompts(prompt_file("memorized_heldout")).prompts
+    assert not set(locate) & set(heldout)
+    assert sorted(locate + heldout) == sorted(scenes.MEMORIZED_CAPTIONS)
+    with pytest.raises(KeyError):
+        prompt_file("nope")
+
+
+def test_shipped_images_are_the_generated_ones():
+    mem = scenes.memorized_images()
+    for i, path in enumerate(sorted(images_dir().glob("mem_*.png"))):
+        assert np.abs(_load_png(path) - mem[i]).max() <= 0.5 / 255 + 1e-6
+
+
+def test_unseen_prompts_are_held_out_combinations():
+    combos = {c: i for i, c in enumerate(scenes.combinations())}
+    for name, heldout in (("ordinary_unseen", True), ("ordinary_seen", False)):
+        for record in read_prompts(prompt_file(name)).records:
+            key = tuple((o["shape"], o["color"], o["position"])
+                        for o in record.extra["scene"]["objects"])
+            assert scenes.is_heldout(combos[key]) == heldout
+
+
+def test_score_scene_is_exact_on_ground_truth_and_rejects_wrong_attributes():
+    pairs = list(scenes.ordinary_dataset(300, seed=5))
+    images = [scenes.render(s) for _, s in pairs]
+    for image, (_, scene) in zip(images, pairs, strict=True):
+        assert scenes.score_scene(image, scene) == {
+            "color": True, "shape": True, "position": True, "overall": True}
+    alternatives = {"color": list(scenes.COLORS), "shape": list(scenes.SHAPES),
+                    "position": list(scenes.CENTRES)}
+    for key, values in alternatives.items():
+        for image, (_, scene) in zip(images[:100], pairs[:100], strict=True):
+            for value in values:
+                if value == scene["objects"][0][key]:
+                    continue
+                wrong = copy.deepcopy(scene)
+                wrong["objects"][0][key] = value
+                assert not scenes.score_scene(image, wrong)["overall"], (key, scene, value)
+    blank = np.full((scenes.SIZE, scenes.SIZE, 3), 0.5, dtype=np.float32)
+    assert not any(scenes.score_scene(blank, pairs[0][1]).values())
+
+
+def test_data_generation_is_deterministic():
+    a = list(scenes.ordinary_dataset(50, seed=3))
+    b = list(scenes.ordinary_dataset(50, seed=3))
+    assert a == b
+    assert all(np.array_equal(scenes.render(x), scenes.render(y))
+               for (_, x), (_, y) in zip(a, b, strict=True))
+    assert np.array_equal(scenes.memorized_images(), scenes.memorized_images())
+    assert a != list(scenes.ordinary_dataset(50, seed=4))
+    assert len(scenes.combinations()) == 630
+    assert sum(scenes.is_heldout(i) for i in range(630)) == 63
+
+
+def test_captions_name_objects_not_background():
+    caption, scene = next(scenes.ordinary_dataset(1, seed=0))
+    for obj in scene["objects"]:
+        assert obj["color"] in caption and obj["shape"] in caption
+    assert "background" not in caption and "gray" not in caption
+
+
+@needs_model
+@pytest.mark.slow
+def test_memorized_prompts_reproduce_their_training_images():
+    from diffusers import StableDiffusionPipeline
+
+    from memedit.sampling import SamplingConfig, generate_images
+
+    torch.set_num_threads(1)
+    pipe = StableDiffusionPipeline.from_pretrained(model_path())
+    pipe.set_progress_bar_config(disable=True)
+    records = read_prompts(prompt_file("memorized_heldout")).records[:4]
+    images = generate_images(pipe, [r.prompt for r in records], [100] * len(records),
+                             SamplingConfig(steps=20, guidance_scale=7.5))
+    errors = [float(((im - _load_png(r.images[0])) ** 2).mean())
+              for im, r in zip(images, records, strict=True)]
+    assert sum(e < THRESHOLD for e in errors) >= 3, errors

@@ -1,0 +1,123 @@
+"""Measure the embedded test model's memorization, leak and utility (figures for its card).
+
+What ``memedit sweep`` does not report, on the original model only:
+
+* the distance calibration behind the memorization threshold: pixel MSE between distinct
+  memorized training images, and from each memorized image to the nearest ordinary scene;
+* memorization per half: the share of generations of each memorized caption (several seeds)
+  within the MSE threshold of its own training image;
+* leak: the share of ordinary generations within the threshold of ANY memorized image;
+* utility: ``score_scene`` on ordinary prompts seen and unseen in training.
+
+The located-vs-random comparison comes from ``memedit sweep`` (see the model card).
+
+Usage::
+
+    python tools/measure_testbed.py [--model DIR] [--steps 50] [--guidance 7.5] [--seeds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from memedit.prompts import read_prompts  # noqa: E402
+from memedit.sampling import SamplingConfig, generate_images  # noqa: E402
+from memedit.testbed import prompt_file, scenes  # noqa: E402
+
+THRESHOLD = 0.01  # pixel MSE in [0, 1]; justified by the calibration printed below
+
+
+def load_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+
+
+def mse_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pixel MSE between every image of ``a`` [N,H,W,3] and every image of ``b`` [M,H,W,3]."""
+    a2 = a.reshape(len(a), -1)
+    b2 = b.reshape(len(b), -1)
+    return ((a2**2).sum(1)[:, None] + (b2**2).sum(1)[None] - 2 * a2 @ b2.T) / a2.shape[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per memorized caption")
+    parser.add_argument("--seed-start", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    from diffusers import StableDiffusionPipeline
+
+    from memedit.testbed import model_path
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.model or model_path())
+    pipe.set_progress_bar_config(disable=True)
+    config = SamplingConfig(steps=args.steps, guidance_scale=args.guidance, batch_size=16)
+    start = time.time()
+    figures: dict = {"settings": {"steps": args.steps, "guidance": args.guidance,
+                                  "seeds": args.seeds, "seed_start": args.seed_start,
+                                  "threshold_mse": THRESHOLD, "scheduler": "DDIM"}}
+
+    mem = np.stack([load_png(scenes_path) for scenes_path in sorted(
+        (prompt_file("memorized_locate").parent.parent / "images").glob("mem_*.png"))])
+    pairs = list(scenes.ordinary_dataset(2000, seed=0))
+    ordinary = np.stack([scenes.render(s) for _, s in pairs])
+    d_mem = mse_matrix(mem, mem)
+    np.fill_diagonal(d_mem, np.inf)
+    figures["calibration"] = {
+        "min_mse_between_memorized_images": float(d_mem.min()),
+        "min_mse_memorized_to_ordinary_scene": float(mse_matrix(mem, ordinary).min()),
+    }
+
+    seeds = list(range(args.seed_start, args.seed_start + args.seeds))
+    for half in ("memorized_locate", "memorized_heldout"):
+        prompts = read_prompts(prompt_file(half))
+        texts = [r.prompt for r in prompts.records for _ in seeds]
+        gts = np.stack([load_png(r.images[0]) for r in prompts.records for _ in seeds])
+        images = generate_images(pipe, texts, seeds * len(prompts), config)
+        err = ((images - gts) ** 2).mean((1, 2, 3))
+        figures[half] = {"rate": float((err < THRESHOLD).mean()),
+                         "median_mse": float(np.median(err)),
+                         "per_prompt_rate": [float((e < THRESHOLD).mean())
+                                             for e in err.reshape(len(prompts), -1)]}
+        print(half, figures[half]["rate"], figures[half]["median_mse"], flush=True)
+
+    for name in ("ordinary_seen", "ordinary_unseen"):
+        prompts = read_prompts(prompt_file(name))
+        images = generate_images(pipe, prompts.prompts, [args.seed_start] * len(prompts),
+                                 config)
+        scores = [scenes.score_scene(im, r.extra["scene"])
+                  for im, r in zip(images, prompts.records, strict=True)]
+        leak = mse_matrix(images, mem).min(1) < THRESHOLD
+        figures[name] = {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
+        figures[name]["leak_rate"] = float(leak.mean())
+        print(name, figures[name], flush=True)
+    # Unconditional generations: does the empty prompt reproduce memorized images?
+    images = generate_images(pipe, [""] * 16, list(range(16)), config)
+    figures["unconditional_leak_rate"] = float((mse_matrix(images, mem).min(1) < THRESHOLD).mean())
+    figures["seconds"] = round(time.time() - start, 1)
+    print(json.dumps(figures, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(figures, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
