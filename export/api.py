@@ -8,7 +8,9 @@ export that fails the audit, or any export that fails parity, leaves nothing beh
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +25,14 @@ from memedit.export.onnx import (
     read_record,
     write_record,
 )
-from memedit.export.parity import ParityInputs, ParityReport, Thresholds, check_parity
+from memedit.export.parity import (
+    Case,
+    ParityInputs,
+    ParityReport,
+    Thresholds,
+    ort_parity,
+    torch_references,
+)
 from memedit.export.runtime import load_ort_pipeline
 
 if TYPE_CHECKING:
@@ -101,26 +110,47 @@ def load_subspace(path: str | os.PathLike | None):
     return None
 
 
+def _torch_phase(pipe: DiffusionPipeline, onnx_dir: Path,
+                 masks: dict[str, torch.Tensor] | None, inputs: ParityInputs, parity: bool,
+                 full_pipeline: bool, source: str,
+                 audit_note: str) -> tuple[VerifyReport, list[Case] | None, float]:
+    """Everything that needs the PyTorch pipeline: the audit, then the parity references.
+
+    The audit runs first: it is cheap, and a failed one makes parity moot.
+    """
+    report = VerifyReport(str(onnx_dir), source, audit_note=audit_note)
+    if masks:
+        report.audit = audit_export(masks, pipe, onnx_dir)
+    if not (parity and report.passed):
+        return report, None, 0.0
+    start = time.perf_counter()
+    cases = torch_references(pipe, inputs, full_pipeline)
+    return report, cases, time.perf_counter() - start
+
+
+def _ort_phase(report: VerifyReport, cases: list[Case] | None, torch_seconds: float,
+               onnx_dir: Path, thresholds: Thresholds, provider: str,
+               threads: int | None) -> VerifyReport:
+    """Run the parity cases with Optimum's ORT pipeline (after PyTorch was freed)."""
+    if cases is None:
+        return report
+    ort_pipe, choice = load_ort_pipeline(onnx_dir, provider, threads)
+    report.provider_reason = f"{choice.label} ({choice.reason})"
+    report.parity = ort_parity(ort_pipe, cases, thresholds, choice.provider, torch_seconds)
+    return report
+
+
 def verify_loaded(pipe: DiffusionPipeline, onnx_dir: Path,
                   masks: dict[str, torch.Tensor] | None = None,
                   thresholds: Thresholds | None = None,
                   inputs: ParityInputs | None = None, parity: bool = True,
                   full_pipeline: bool = True, provider: str = "cpu", threads: int | None = None,
                   source: str = "", audit_note: str = "") -> VerifyReport:
-    """Audit (if ``masks``) and parity of ``onnx_dir`` against the loaded PyTorch ``pipe``.
-
-    The audit runs first: it is cheap, and a failed one makes parity moot.
-    """
-    thresholds, inputs = thresholds or Thresholds(), inputs or ParityInputs()
-    report = VerifyReport(str(onnx_dir), source, audit_note=audit_note)
-    if masks:
-        report.audit = audit_export(masks, pipe, onnx_dir)
-    if parity and report.passed:
-        ort_pipe, choice = load_ort_pipeline(onnx_dir, provider, threads)
-        report.provider_reason = f"{choice.label} ({choice.reason})"
-        report.parity = check_parity(pipe, ort_pipe, thresholds, inputs, choice.provider,
-                                     full_pipeline)
-    return report
+    """Audit (if ``masks``) and parity of ``onnx_dir`` against the loaded PyTorch ``pipe``."""
+    report, cases, spent = _torch_phase(pipe, Path(onnx_dir), masks, inputs or ParityInputs(),
+                                        parity, full_pipeline, source, audit_note)
+    return _ort_phase(report, cases, spent, Path(onnx_dir), thresholds or Thresholds(),
+                      provider, threads)
 
 
 def failure(report: VerifyReport) -> VerificationFailed:
@@ -170,9 +200,13 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
         info = export_pipeline(pipe, tmp, options)
         if carried is not None:
             carried.write_into(tmp / PROVENANCE_DIR)  # so that verify-onnx can audit later
-        report = verify_loaded(pipe, tmp, carried.masks if carried else None, thresholds,
-                               inputs, parity, True, "auto" if options.fp16 else "cpu",
-                               threads, str(source.path), note)
+        report, cases, spent = _torch_phase(pipe, tmp, carried.masks if carried else None,
+                                            inputs or ParityInputs(), parity, True,
+                                            str(source.path), note)
+        del pipe  # free PyTorch before ONNX Runtime loads (the full SD pipeline needs it)
+        gc.collect()
+        _ort_phase(report, cases, spent, tmp, thresholds or Thresholds(),
+                   "auto" if options.fp16 else "cpu", threads)
         report.export = info
         report.onnx_dir = str(Path(out).expanduser().resolve())
         if not report.passed:
@@ -213,5 +247,10 @@ def verify_onnx(onnx_dir: str | os.PathLike, model: str | os.PathLike | None = N
         raise MemeditError(f"{subspace} holds no memedit subspace.",
                            "Pass the folder written by `memedit locate`, or a baked model.")
     note = "" if chosen else "not run: no subspace found (pass --subspace DIR)"
-    return verify_loaded(pipe, onnx_dir, chosen.masks if chosen else None, thresholds, inputs,
-                         parity, True, provider, threads, str(source.path), note)
+    report, cases, spent = _torch_phase(pipe, onnx_dir, chosen.masks if chosen else None,
+                                        inputs or ParityInputs(), parity, True,
+                                        str(source.path), note)
+    del pipe  # free PyTorch before ONNX Runtime loads
+    gc.collect()
+    return _ort_phase(report, cases, spent, onnx_dir, thresholds or Thresholds(), provider,
+                      threads)

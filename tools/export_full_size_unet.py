@@ -9,9 +9,16 @@ Optimum uses for ``text-to-image`` + ``optimum.exporters.onnx.convert.export``, 
 Runtime inference against the PyTorch output, and memedit's sanitization audit, and reports
 time and peak resident memory (RSS) per phase.
 
+With ``--pipeline`` it goes further: a whole SD 1.x pipeline (this UNet, the CLIP ViT-L/14
+text encoder and the SD VAE, random weights), sanitized and saved as ``memedit bake`` would,
+then exported by ``memedit.export.api.export_onnx`` exactly as ``memedit export --onnx`` does:
+Optimum's text-to-image export, checker, audit through the carried subspace, and parity per
+component and for a whole 512x512 image (``--steps``), loaded by Optimum's ORT pipeline.
+
 A watchdog aborts the run if RSS passes ``--max-rss-gb`` (the machine is shared).
 
     python tools/export_full_size_unet.py --out /tmp/sd-unet-onnx [--json result.json]
+    python tools/export_full_size_unet.py --pipeline --out /tmp/sd-pipeline [--steps 2]
 """
 
 from __future__ import annotations
@@ -90,9 +97,25 @@ def main() -> None:
                         help="share of each ff.net.2 weight zeroed (the audit's subject)")
     parser.add_argument("--keep", action="store_true", help="keep the exported folder")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="instead: a whole SD 1.x pipeline through `memedit export`")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="denoising steps of the whole-image parity run (--pipeline)")
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    monitor = RssMonitor(args.max_rss_gb)
+    figures = run_pipeline(args, monitor) if args.pipeline else run_unet(args, monitor)
+    figures["overall_peak_rss_gb"] = round(monitor.overall / GB, 2)
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    if not args.keep:
+        shutil.rmtree(args.out)
+
+
+def run_unet(args: argparse.Namespace, monitor: RssMonitor) -> dict:
+    """The UNet alone, through Optimum's per-model export."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -107,7 +130,6 @@ def main() -> None:
     from memedit.export.onnx import onnx_files
 
     torch.set_num_threads(args.threads)
-    monitor = RssMonitor(args.max_rss_gb)
     figures: dict = {"threads": args.threads}
     if args.out.exists():
         shutil.rmtree(args.out)
@@ -191,14 +213,87 @@ def main() -> None:
     figures["parity_max_abs"] = float(diff.max())
     figures["parity_mean_abs"] = float(diff.mean())
     figures["ort_peak_rss_gb"] = monitor.phase()
-    figures["overall_peak_rss_gb"] = round(monitor.overall / GB, 2)
     del session
+    return figures
 
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
-    if not args.keep:
+
+def build_sd1_pipeline(seed: int = 0):
+    """SD 1.x architecture with random weights: the UNet above, CLIP ViT-L/14 text encoder
+    and the SD VAE (published configs). The tokenizer is memedit's tiny one (ids < 49408)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from memedit.testing import build_tiny_pipeline
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_pipeline().tokenizer
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        projection_dim=768, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**SD1_UNET_CONFIG), text_encoder=text_encoder,
+        tokenizer=tokenizer, vae=vae, scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    return pipe.to(torch.float32)
+
+
+def run_pipeline(args: argparse.Namespace, monitor: RssMonitor) -> dict:
+    """A whole sanitized SD 1.x pipeline through memedit's export (audit + parity)."""
+    import torch
+
+    from memedit.baking import apply_subspace
+    from memedit.export.api import VerificationFailed, export_onnx
+    from memedit.export.onnx import ExportOptions
+    from memedit.export.parity import ParityInputs
+    from memedit.subspace import Subspace
+
+    torch.set_num_threads(args.threads)
+    figures: dict = {"threads": args.threads, "mode": "pipeline"}
+    if args.out.exists():
         shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    t = time.perf_counter()
+    pipe = build_sd1_pipeline()
+    gen = torch.Generator().manual_seed(1)
+    masks = {f"unet/{name}": torch.rand(param.shape, generator=gen) < args.fraction
+             for name, param in pipe.unet.named_parameters() if name.endswith("ff.net.2.weight")}
+    subspace = Subspace(masks, {"format": "memedit-subspace", "format_version": 1})
+    apply_subspace(pipe, subspace)  # what `memedit bake` writes, without the locate step
+    model_dir = args.out / "model"
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    subspace.write_into(model_dir / "memedit")
+    figures["masked_weights"] = subspace.num_selected
+    del pipe
+    gc.collect()
+    figures["build_save_seconds"] = round(time.perf_counter() - t, 1)
+    figures["build_peak_rss_gb"] = monitor.phase()
+    print(json.dumps(figures), flush=True)
+
+    t = time.perf_counter()
+    try:
+        report = export_onnx(model_dir, args.out / "onnx", ExportOptions(optimum_validation=False),
+                             inputs=ParityInputs(steps=args.steps), threads=args.threads)
+    except VerificationFailed as failure:
+        report = failure.report
+    figures["export_onnx_total_seconds"] = round(time.perf_counter() - t, 1)
+    figures["export_onnx_peak_rss_gb"] = monitor.phase()
+    print(report.table(), flush=True)
+    figures["report"] = report.to_dict()
+    return figures
 
 
 if __name__ == "__main__":
