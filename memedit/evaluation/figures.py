@@ -54,6 +54,11 @@ def _cell(image: np.ndarray, size: int):
     return to_pil(resize(image, size, size))
 
 
+def _median(variant: VariantResult, group: str, measure: str) -> float | None:
+    data = variant.memorization.get(group, {}).get("measures", {}).get(measure, {})
+    return data.get("median")
+
+
 def _rate(variant: VariantResult, group: str, measure: str, threshold: str) -> float | None:
     data = variant.memorization.get(group, {}).get("measures", {}).get(measure, {})
     return data.get("rates", {}).get(threshold, {}).get("generation_rate")
@@ -92,7 +97,9 @@ def sweep_plot(result: EvaluationResult) -> bytes | None:
         by_kind.setdefault(variant.kind, []).append(variant)
     if "located" not in by_kind:
         return None
-    fig, (ax_mem, ax_util) = plt.subplots(1, 2, figsize=(10, 4))
+    # Rate at the threshold, and the median score: the score shows movement that has not
+    # (yet) crossed the threshold, so "no change in rate" is not read as "no effect".
+    fig, (ax_mem, ax_med, ax_util) = plt.subplots(1, 3, figsize=(15, 4))
     # Colour names the variant kind, line style the prompt group.
     colours = {"located": "tab:blue", "random": "tab:gray"}
     group_styles = {"locate": "--o", "heldout": "-s"}
@@ -103,9 +110,12 @@ def sweep_plot(result: EvaluationResult) -> bytes | None:
         ks = [v.k for v in variants]
         for group in result.groups:
             rates = [_rate(v, group, measure, threshold) for v in variants]
+            style = group_styles.get(group, "-o")
             if ks and None not in rates:
-                ax_mem.plot(ks, rates, group_styles.get(group, "-o"), color=colour,
-                            label=f"{kind} ({group})")
+                ax_mem.plot(ks, rates, style, color=colour, label=f"{kind} ({group})")
+            medians = [_median(v, group, measure) for v in variants]
+            if ks and None not in medians:
+                ax_med.plot(ks, medians, style, color=colour, label=f"{kind} ({group})")
         utilities = [_utility(v) for v in variants]
         if ks and utilities and None not in [u[1] for u in utilities]:
             utility_label = utilities[0][0]
@@ -115,6 +125,9 @@ def sweep_plot(result: EvaluationResult) -> bytes | None:
             rate = _rate(variant, "heldout", measure, threshold)
             if rate is not None:
                 ax_mem.axhline(rate, color=colour, linestyle=":", label=f"{kind} (heldout)")
+            median = _median(variant, "heldout", measure)
+            if median is not None:
+                ax_med.axhline(median, color=colour, linestyle=":", label=f"{kind} (heldout)")
             label, value = _utility(variant)
             if value is not None:
                 utility_label = utility_label or label
@@ -122,11 +135,14 @@ def sweep_plot(result: EvaluationResult) -> bytes | None:
     direction = ">" if thresholds and MEASURES[measure].higher_is_similar else "<"
     ax_mem.set(xscale="log", xlabel="k (fraction of each row's inputs)",
                ylabel=f"memorization rate ({measure} {direction} {threshold})", ylim=(-0.02, 1.02))
+    ax_med.set(xscale="log", xlabel="k",
+               ylabel=f"median {measure} to the training image over prompts")
     ax_util.set(xscale="log", xlabel="k", ylabel=utility_label or "utility")
-    for ax in (ax_mem, ax_util):
+    for ax in (ax_mem, ax_med, ax_util):
         ax.set_xticks(all_ks, [f"{k:g}" for k in all_ks])
         ax.minorticks_off()
     ax_mem.legend(fontsize=7)
+    ax_med.legend(fontsize=7)
     ax_util.legend(fontsize=7)
     fig.tight_layout()
     buffer = io.BytesIO()
