@@ -154,10 +154,11 @@ def test_evaluate_with_baseline_and_nemo(tmp_path, tiny_model_dir, prompt_files)
     assert result.exit_code == 0, result.output + repr(result.exception)
     report = json.loads((out / "report.json").read_text())
     by_name = {v["name"]: v for v in report["variants"]}
-    assert list(by_name) == ["original", "sanitized", "nemo"]
-    # Same weights, same seeds: the "sanitized" model here is the original, exactly.
-    assert by_name["sanitized"]["utility"]["drift_from_original"]["mse"]["mean"] == 0.0
-    assert by_name["sanitized"]["memorization"] == by_name["original"]["memorization"]
+    # The model was not baked by memedit: it is called "model", not "sanitized".
+    assert list(by_name) == ["original", "model", "nemo"]
+    # Same weights, same seeds: the model here is the original, exactly.
+    assert by_name["model"]["utility"]["drift_from_original"]["mse"]["mean"] == 0.0
+    assert by_name["model"]["memorization"] == by_name["original"]["memorization"]
     # SSIM has no agreed threshold: no rate is reported for it.
     assert "rates" not in by_name["original"]["memorization"]["heldout"]["measures"]["ssim"]
     # The output exists now: a second run refuses to overwrite it.

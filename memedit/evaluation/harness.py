@@ -102,7 +102,7 @@ class Variant:
     """One set of weights to evaluate: ``masks`` are applied to ``pipe`` while it is scored."""
 
     name: str
-    kind: str  # original | sanitized | located | random | nemo
+    kind: str  # original | sanitized | model (not baked by memedit) | located | random | nemo
     pipe: object
     masks: dict[str, torch.Tensor] | None = None
     k: float | None = None
@@ -434,7 +434,9 @@ def evaluate(model_pipe, inputs: Inputs, settings: EvalSettings, baseline_pipe=N
     variants: list[Variant] = []
     if baseline_pipe is not None:
         variants.append(Variant("original", "original", baseline_pipe))
-    variants.append(Variant("sanitized", "sanitized", model_pipe, baked=model_subspace,
+    # A folder memedit did not bake is evaluated as it is, under a name that says so.
+    name = "sanitized" if model_subspace is not None else "model"
+    variants.append(Variant(name, name, model_pipe, baked=model_subspace,
                             info=_baked_info(model_subspace)))
     notes += _located_on_notes(model_subspace, inputs)
     for control in controls:
