@@ -87,7 +87,9 @@ def test_memorization_summary_by_hand():
     # 3 prompts x 2 seeds of MSE; threshold 0.01.
     table = np.array([[0.001, 0.5], [0.002, 0.003], [0.4, 0.6]])
     out = memorization_summary(table, "mse", (0.01,))
-    assert out["rates"]["0.01"] == {"generation_rate": 0.5, "prompt_rate": pytest.approx(2 / 3)}
+    assert out["rates"]["0.01"] == {"generation_rate": 0.5,
+                                    "generation_rate_se": pytest.approx(np.sqrt(0.25 / 6)),
+                                    "prompt_rate": pytest.approx(2 / 3)}
     per_prompt = [0.2505, 0.0025, 0.5]
     assert out["mean"] == pytest.approx(np.mean(per_prompt))
     assert out["median"] == pytest.approx(0.2505)

@@ -235,7 +235,12 @@ def memorization_summary(per_generation: np.ndarray, measure: str,
     rates = {}
     for threshold in thresholds:
         hit = per_generation > threshold if spec.higher_is_similar else per_generation < threshold
-        rates[str(threshold)] = {"generation_rate": float(hit.mean()),
+        rate = float(hit.mean())
+        # Binomial standard error over generations (seeds of one prompt are not independent,
+        # so read it as a lower bound on the uncertainty).
+        rates[str(threshold)] = {"generation_rate": rate,
+                                 "generation_rate_se": float(np.sqrt(rate * (1 - rate)
+                                                                     / hit.size)),
                                  "prompt_rate": float(hit.any(axis=1).mean())}
     if rates:
         out["rates"] = rates
