@@ -127,3 +127,58 @@ def save_tiny_pipeline(folder: str | Path, seed: int = 0, **kwargs) -> Path:
     folder = Path(folder)
     build_tiny_pipeline(seed, **kwargs).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# The published SD 1.x configs (CompVis/stable-diffusion-v1-4): real shapes, random weights.
+SD1_UNET_CONFIG = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
+    "flip_sin_to_cos": True, "freq_shift": 0,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                         "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                       "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
+    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
+    "norm_num_groups": 32, "norm_eps": 1e-5, "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+SD1_TEXT_CONFIG = {  # CLIP ViT-L/14 text tower
+    "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+    "num_hidden_layers": 12, "max_position_embeddings": 77, "vocab_size": 49408,
+    "projection_dim": 768, "hidden_act": "quick_gelu",
+}
+SD1_VAE_CONFIG = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (128, 256, 512, 512), "sample_size": 512,
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+}
+
+
+def build_sd1_shaped_pipeline(seed: int = 0):
+    """A Stable Diffusion 1.x pipeline with the real architecture and random weights.
+
+    For checks that need real shapes (16 transformer blocks, 1280x5120 FFN weights, a 123 M
+    parameter CLIP text encoder) without a download. The tokenizer is the tiny one: its ids
+    fall inside CLIP's vocabulary, and nothing here depends on what the words mean.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = _byte_vocab_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **SD1_TEXT_CONFIG))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**SD1_UNET_CONFIG), text_encoder=text_encoder,
+        tokenizer=tokenizer, vae=AutoencoderKL(**SD1_VAE_CONFIG), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
