@@ -212,18 +212,13 @@ def test_detect_command_ranks_and_scores(tmp_path, tiny_model_dir, prompt_files)
 
 
 def _embedded():
-    """The embedded test model's folder and prompt files, or skip."""
-    try:
-        from memedit.loading import default_model_path
-        from memedit.testbed import prompt_file
+    """The embedded test model's folder and prompt files (shipped with the package)."""
+    from memedit.loading import default_model_path
+    from memedit.testbed import prompt_file
 
-        model = default_model_path()
-        files = {name: prompt_file(name) for name in
-                 ("memorized_locate", "memorized_heldout", "ordinary_unseen")}
-    except (ImportError, AttributeError, FileNotFoundError, MemeditError):
-        pytest.skip("the embedded test model is not built")
-    if not (Path(model) / "model_index.json").is_file():
-        pytest.skip("the embedded test model is not built")
+    model = default_model_path()
+    files = {name: prompt_file(name) for name in
+             ("memorized_locate", "memorized_heldout", "ordinary_unseen")}
     return model, files
 
 

@@ -16,8 +16,6 @@ TESTBED = Path(memedit.__file__).parent / "testbed" / "model"
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
-@pytest.mark.skipif(not (TESTBED / "model_index.json").is_file(),
-                    reason="the embedded test model is not built yet")
 def test_testbed_model_exports_with_parity(tmp_path):
     report = export_onnx(TESTBED, tmp_path / "testbed-onnx", ExportOptions(),
                          inputs=ParityInputs(steps=20, guidance_scale=5.0), threads=1)
