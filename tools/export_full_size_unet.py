@@ -34,28 +34,8 @@ from pathlib import Path
 
 import psutil
 
-# The published SD 1.x UNet config (CompVis/stable-diffusion-v1-4, unet/config.json).
-SD1_UNET_CONFIG = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "center_input_sample": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                         "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                       "CrossAttnUpBlock2D"),
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
+from memedit.testing import SD1_UNET_CONFIG  # the published SD 1.x config
+
 GB = 1024**3
 
 
@@ -217,40 +197,6 @@ def run_unet(args: argparse.Namespace, monitor: RssMonitor) -> dict:
     return figures
 
 
-def build_sd1_pipeline(seed: int = 0):
-    """SD 1.x architecture with random weights: the UNet above, CLIP ViT-L/14 text encoder
-    and the SD VAE (published configs). The tokenizer is memedit's tiny one (ids < 49408)."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from memedit.testing import build_tiny_pipeline
-
-    torch.manual_seed(seed)
-    tokenizer = build_tiny_pipeline().tokenizer
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-        projection_dim=768, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**SD1_UNET_CONFIG), text_encoder=text_encoder,
-        tokenizer=tokenizer, vae=vae, scheduler=scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    return pipe.to(torch.float32)
-
-
 def run_pipeline(args: argparse.Namespace, monitor: RssMonitor) -> dict:
     """A whole sanitized SD 1.x pipeline through memedit's export (audit + parity)."""
     import torch
@@ -267,7 +213,9 @@ def run_pipeline(args: argparse.Namespace, monitor: RssMonitor) -> dict:
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     t = time.perf_counter()
-    pipe = build_sd1_pipeline()
+    from memedit.testing import build_sd1_shaped_pipeline
+
+    pipe = build_sd1_shaped_pipeline()
     gen = torch.Generator().manual_seed(1)
     masks = {f"unet/{name}": torch.rand(param.shape, generator=gen) < args.fraction
              for name, param in pipe.unet.named_parameters() if name.endswith("ff.net.2.weight")}
