@@ -33,7 +33,8 @@ class ActivationRecorder:
     ``unet_calls`` is how many UNet calls are recorded per pipeline call; the next one raises
     :class:`StopDenoising`. Text-encoder layers run once per prompt batch (both guidance halves),
     so they have a single "call" slot. ``on_unet_call`` is called after each recorded call
-    starts (for progress bars).
+    starts (for progress bars). With no layers it only stops the loop after ``unet_calls``
+    (the detector and the locate benchmark use it so).
     """
 
     def __init__(self, pipe, layers: list[tuple[TargetLayer, nn.Linear]], unet_calls: int,

@@ -18,7 +18,7 @@ from memedit.evaluation.detector import DetectorConfig, text_noise_magnitudes
 from memedit.evaluation.harness import check_ground_truths, masks_applied, split_memorized
 from memedit.evaluation.similarity import Scorer
 from memedit.prompts import PromptSet, read_prompts
-from memedit.sampling import SamplingConfig
+from memedit.sampling import SamplingConfig, run_pipeline
 
 FAST = SamplingConfig(steps=4, guidance_scale=7.5, batch_size=4)
 FAST_ARGS = ["--steps", "4", "--seeds", "1", "--detector-steps", "2", "--quiet"]
@@ -265,3 +265,24 @@ def test_evaluate_baked_model_with_random_control(tmp_path, tiny_model_dir, prom
     assert set(by_name["sanitized"]["memorization"]) == {"locate", "heldout"}
     # The held-out file holds the locate prompts too; the report says so.
     assert any("not fully held out" in note for note in report["notes"])
+
+
+def test_detector_equals_the_first_steps_of_a_full_run(tiny_pipe):
+    """Stopping early must not change what the first steps see."""
+    sampling = SamplingConfig(steps=6, guidance_scale=5.0, batch_size=2)
+    early = text_noise_magnitudes(tiny_pipe, ["a red cat", "a dog"], [3, 4],
+                                  DetectorConfig(steps=3, sampling=sampling))
+    gaps = []
+
+    def record(_module, _inputs, output):
+        uncond, cond = output[0].float().chunk(2)
+        gaps.append((cond - uncond).flatten(1).pow(2).mean(dim=1).sqrt())
+
+    handle = tiny_pipe.unet.register_forward_hook(record)
+    try:
+        run_pipeline(tiny_pipe, ["a red cat", "a dog"], [3, 4], sampling, output_type="latent")
+    finally:
+        handle.remove()
+    full = torch.stack(gaps, dim=1).numpy()
+    assert full.shape == (2, 6) and early.shape == (2, 3)
+    np.testing.assert_allclose(early, full[:, :3], rtol=1e-5)

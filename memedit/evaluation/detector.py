@@ -11,6 +11,7 @@ resolutions; the ranking, and so the AUROC, is the same as with Wen et al.'s pla
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from memedit.errors import MemeditError
+from memedit.hooks import ActivationRecorder, StopDenoising
 from memedit.sampling import SamplingConfig, batches, run_pipeline
 
 
@@ -37,7 +39,7 @@ def text_noise_magnitudes(pipe, prompts: Sequence[str], seeds: Sequence[int],
 
     Runs the pipeline itself (same scheduler, guidance and seeded noise as generation) and
     reads the UNet's two classifier-free-guidance halves with a forward hook; sampling stops
-    after the last step needed, and the VAE is never run.
+    before the first UNet call it does not need, and the VAE is never run.
     """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
@@ -61,19 +63,18 @@ def text_noise_magnitudes(pipe, prompts: Sequence[str], seeds: Sequence[int],
         gap = (cond - uncond).flatten(1)
         current.append(gap.pow(2).mean(dim=1).sqrt().cpu())
 
-    def stop_early(pipeline, index, _t, _kwargs):
-        if index + 1 >= steps:
-            pipeline._interrupt = True  # diffusers skips the remaining steps
-        return {}
-
+    # The recorder with no layers only counts UNet calls and leaves the loop after `steps`,
+    # the same mechanism locating uses.
+    stopper = ActivationRecorder(pipe, [], steps)
     handle = pipe.unet.register_forward_hook(record)
     try:
         for batch in batches(list(zip(prompts, seeds, strict=True)), sampling.batch_size):
             current.clear()
-            with torch.no_grad():
+            stopper.start_pipeline_call()
+            with stopper, torch.no_grad(), contextlib.suppress(StopDenoising):
                 run_pipeline(pipe, [p for p, _ in batch], [s for _, s in batch], sampling,
-                             output_type="latent", callback_on_step_end=stop_early)
-            out.append(torch.stack(current[:steps], dim=1).numpy())
+                             output_type="latent")
+            out.append(torch.stack(current, dim=1).numpy())
             if progress is not None:
                 progress.update(len(batch))
     finally:
