@@ -3,12 +3,12 @@
 They are standalone ``@click.command()`` functions (``export_command``,
 ``verify_onnx_command``, ``generate_command``) that ``memedit.cli`` registers. Exit status:
 0 when everything passed, 1 when parity or the sanitization audit failed (the report is
-printed first), 2 for a user error (:class:`MemeditError`: message and hint, no traceback).
+printed first), 2 for a user error (:class:`MemeditError`, turned into message and hint by
+the ``memedit`` command group, as for every command).
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 from pathlib import Path
@@ -16,22 +16,6 @@ from pathlib import Path
 import click
 
 from memedit.errors import MemeditError
-
-
-def _errors(command):
-    """Print a MemeditError as message + hint and exit 2, wherever the command is mounted."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except MemeditError as err:
-            click.echo(f"Error: {err.message}", err=True)
-            if err.hint:
-                click.echo(f"Hint: {err.hint}", err=True)
-            raise click.exceptions.Exit(2) from None
-
-    return wrapper
 
 
 def _threshold_options(command):
@@ -106,7 +90,6 @@ def _run_checked(action, as_json: bool):
               help="Also run Optimum's own validation on dummy inputs.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled (.bin/.ckpt) weights.")
 @_threshold_options
-@_errors
 def export_command(model, out, overwrite, subspace, opset, fp16, parity,
                    optimum_validation, allow_pickle, as_json, threads, **kwargs):
     """Export MODEL_DIR to ONNX with Optimum, audit the zeroed weights, check parity."""
@@ -129,7 +112,6 @@ def export_command(model, out, overwrite, subspace, opset, fp16, parity,
               show_default=True, help="ONNX Runtime execution provider.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled (.bin/.ckpt) weights.")
 @_threshold_options
-@_errors
 def verify_onnx_command(onnx_dir, model, subspace, provider, allow_pickle, as_json, threads,
                         **kwargs):
     """Check an exported ONNX_DIR against its PyTorch model: parity and sanitization audit."""
@@ -159,7 +141,6 @@ def verify_onnx_command(onnx_dir, model, subspace, provider, allow_pickle, as_js
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="ONNX Runtime execution provider (with --onnx).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
-@_errors
 def generate_command(prompts, onnx_dir, model, out, overwrite, seed, num_images, steps,
                      guidance_scale, height, width, provider, threads):
     """Generate images for PROMPTS with an ONNX export (--onnx) or a PyTorch model."""

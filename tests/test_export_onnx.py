@@ -11,10 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from memedit.cli import cli
 from memedit.errors import MemeditError
 from memedit.export.api import VerificationFailed, export_onnx, verify_onnx
 from memedit.export.audit import audit_export, iter_initializers
-from memedit.export.cli import export_command, generate_command, verify_onnx_command
 from memedit.export.onnx import ExportOptions, read_record
 from memedit.export.parity import ParityInputs, Thresholds
 from memedit.export.runtime import load_ort_pipeline
@@ -144,7 +144,7 @@ def test_audit_fails_when_zeroed_weights_were_altered_in_onnx(sanitized_export, 
     assert [r.key for r in bad] == [key]
     assert bad[0].status == "nonzero-in-onnx" and bad[0].nonzero == int(masks[key].sum())
     # verify-onnx (source model from the export record, subspace stored in the folder) refuses.
-    result = CliRunner().invoke(verify_onnx_command, [str(tampered), "--provider", "cpu",
+    result = CliRunner().invoke(cli, ["verify-onnx", str(tampered), "--provider", "cpu",
                                                       "--threads", "1", "--json"])
     assert result.exit_code == 1
     data = json.loads(result.stdout)
@@ -169,7 +169,7 @@ def test_export_refused_when_model_is_not_sanitized_by_its_subspace(
 def test_cli_export_refuses_bad_audit_with_nonzero_exit(tiny_model_dir, sanitized_model_dir,
                                                          tmp_path):
     out = tmp_path / "o"
-    result = CliRunner().invoke(export_command, [
+    result = CliRunner().invoke(cli, ["export",
         "--onnx", str(tiny_model_dir), "--out", str(out), "--subspace", str(sanitized_model_dir),
         "--no-optimum-validation", "--threads", "1", "--json"])
     assert result.exit_code == 1, result.output
@@ -179,7 +179,7 @@ def test_cli_export_refuses_bad_audit_with_nonzero_exit(tiny_model_dir, sanitize
 
 def test_parity_failure_exits_nonzero_with_report(tiny_model_dir, tmp_path):
     out = tmp_path / "strict"
-    result = CliRunner().invoke(export_command, [
+    result = CliRunner().invoke(cli, ["export",
         "--onnx", str(tiny_model_dir), "--out", str(out), "--no-optimum-validation",
         "--threads", "1", "--steps", "2", "--max-abs", "1e-12", "--mean-abs", "1e-13"])
     assert result.exit_code == 1
@@ -201,7 +201,7 @@ def test_overwrite_and_source_protection(tiny_model_dir, tmp_path):
 def test_fp16_on_cpu_is_refused_clearly(tiny_model_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    result = CliRunner().invoke(export_command, [
+    result = CliRunner().invoke(cli, ["export",
         "--onnx", str(tiny_model_dir), "--out", str(tmp_path / "h"), "--fp16"])
     assert result.exit_code == 2
     assert "fp16 ONNX export needs a CUDA GPU" in result.stderr
@@ -209,7 +209,7 @@ def test_fp16_on_cpu_is_refused_clearly(tiny_model_dir, tmp_path):
 
 def test_verify_onnx_cli_reads_record_and_stored_subspace(sanitized_export):
     out, _ = sanitized_export
-    result = CliRunner().invoke(verify_onnx_command, [str(out), "--threads", "1", "--steps", "2",
+    result = CliRunner().invoke(cli, ["verify-onnx", str(out), "--threads", "1", "--steps", "2",
                                                       "--provider", "cpu"])
     assert result.exit_code == 0, result.output
     assert "Sanitization audit PASSED" in result.stdout and "Parity PASSED" in result.stdout
@@ -239,14 +239,14 @@ def test_ort_pipeline_reproduces_pytorch_image(sanitized_export, sanitized_model
 def test_generate_cli_writes_png(sanitized_export, tmp_path):
     out, _ = sanitized_export
     target = tmp_path / "cat.png"
-    result = CliRunner().invoke(generate_command, [
+    result = CliRunner().invoke(cli, ["generate",
         "--onnx", str(out), "a red cat", "--steps", "2", "--out", str(target), "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "ONNX Runtime on CPU" in result.stderr
     from PIL import Image
 
     assert Image.open(target).size == (32, 32)
-    again = CliRunner().invoke(generate_command, ["--onnx", str(out), "x", "--out", str(target)])
+    again = CliRunner().invoke(cli, ["generate", "--onnx", str(out), "x", "--out", str(target)])
     assert again.exit_code == 2 and "exists already" in again.stderr
 
 
