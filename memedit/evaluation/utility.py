@@ -21,6 +21,7 @@ import torch
 from memedit.errors import MemeditError
 from memedit.evaluation.similarity import pixel_mse, ssim, to_pil
 from memedit.prompts import PromptRecord
+from memedit.sampling import batches
 
 
 class CLIPScorer:
@@ -51,9 +52,9 @@ class CLIPScorer:
         if len(images) != len(prompts):
             raise ValueError("one prompt per image")
         out = []
-        for start in range(0, len(images), batch_size):
-            pil = [to_pil(im) for im in images[start:start + batch_size]]
-            text = list(prompts[start:start + batch_size])
+        for pairs in batches(list(zip(images, prompts, strict=True)), batch_size):
+            pil = [to_pil(im) for im, _ in pairs]
+            text = [prompt for _, prompt in pairs]
             inputs = self.processor(text=text, images=pil, return_tensors="pt", padding=True,
                                     truncation=True).to(self.device)
             img = self.model.get_image_features(pixel_values=inputs["pixel_values"])
