@@ -274,7 +274,8 @@ def test_clip_score_with_a_local_folder(tmp_path):
 
 
 def test_scene_utility_plugs_into_the_embedded_scorer():
-    scenes = pytest.importorskip("memedit.testbed.scenes")
+    from memedit.testbed import scenes
+
     rng = np.random.default_rng(0)
     spec = scenes.make_scene(scenes.combinations()[0], rng)
     records = [PromptRecord(scenes.caption(spec), extra={"scene": spec})] * 2

@@ -1,5 +1,6 @@
 """The embedded test model: it loads offline, its prompt files parse, its scene scorer is exact,
-its data generation is deterministic, and (slow) it reproduces its memorized images."""
+its data generation is deterministic, and (slow) it reproduces its memorized images and the
+located weights matter for that where random ones do not."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from memedit.prompts import read_prompts
 from memedit.testbed import PROMPT_SETS, images_dir, model_path, prompt_file, scenes
 
 # Pixel MSE below which a generation counts as a copy of its training image: the closest two
-# distinct memorized images are ~0.05 apart, the closest ordinary scene ~0.027 (model card).
+# distinct memorized images are 0.056 apart, the closest ordinary scene 0.038 (model card).
 THRESHOLD = 0.01
-
 
 
 def _load_png(path) -> np.ndarray:
@@ -112,29 +112,64 @@ def test_captions_name_objects_not_background():
     assert "background" not in caption and "gray" not in caption
 
 
-@pytest.mark.slow
-def test_memorized_captions_recall_their_own_training_image():
-    """Each memorized caption draws something nearest its own training image among all 20.
-
-    This is the memorization the shipped build reaches: caption-specific recall of the
-    image's layout (85% of generations nearest their own image over 2 seeds x 20 captions at
-    50 steps; median MSE 0.027 to their own vs 0.069 to the nearest other). It does NOT reach
-    pixel copies (MSE < THRESHOLD, below the 0.049 between the closest distinct training
-    images): see the model card. The test holds the recall, not the copy bar.
-    """
-    from diffusers import StableDiffusionPipeline
-
+def _generate(pipe, prompts: list[str], seeds: list[int]) -> np.ndarray:
     from memedit.sampling import SamplingConfig, generate_images
+
+    return generate_images(pipe, prompts, seeds, SamplingConfig(steps=20, guidance_scale=7.5))
+
+
+def _copy_rate(images: np.ndarray, truths: np.ndarray) -> float:
+    return float((((images - truths) ** 2).mean(axis=(1, 2, 3)) < THRESHOLD).mean())
+
+
+@pytest.fixture(scope="module")
+def testbed_pipe():
+    from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(1)
     pipe = StableDiffusionPipeline.from_pretrained(model_path())
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.slow
+def test_memorized_captions_reproduce_their_training_images(testbed_pipe):
+    """The copy bar of the model card, on one seed: most memorized captions reproduce their
+    own training image within THRESHOLD (card: 93% / 100% of 4 seeds at 20 steps)."""
     records = (read_prompts(prompt_file("memorized_locate")).records
                + read_prompts(prompt_file("memorized_heldout")).records)
     truths = np.stack([_load_png(r.images[0]) for r in records])
-    chosen = list(range(0, 20, 4))
-    images = generate_images(pipe, [records[i].prompt for i in chosen], [100] * len(chosen),
-                             SamplingConfig(steps=20, guidance_scale=7.5))
+    images = _generate(testbed_pipe, [r.prompt for r in records], [100] * len(records))
+    assert _copy_rate(images, truths) >= 0.8
+    # ...and each copy is of its own image, not of another memorized one.
     distances = ((images[:, None] - truths[None]) ** 2).mean(axis=(2, 3, 4))
-    nearest = distances.argmin(axis=1)
-    assert sum(int(n) == i for n, i in zip(nearest, chosen, strict=True)) >= 4, distances
+    assert (distances.argmin(axis=1) == np.arange(len(records))).all()
+
+
+@pytest.mark.slow
+def test_located_weights_cut_heldout_copies_where_a_random_mask_does_not(testbed_pipe):
+    """What the method does on this model (model card): located on the locate half, zeroing
+    the k=10% mask cuts copies on the HELD-OUT half far more than a random mask of the same
+    size does.
+    (At the authors' k=1% the effect here is within noise; the card says so.)"""
+    from memedit.evaluation.controls import random_like
+    from memedit.evaluation.harness import masks_applied
+    from memedit.locate import LocateConfig, locate
+    from memedit.sampling import SamplingConfig
+
+    config = LocateConfig(k=0.1, sampling=SamplingConfig(steps=20, guidance_scale=7.5))
+    subspace = locate(testbed_pipe, read_prompts(prompt_file("memorized_locate")), None,
+                      config, progress=False)
+    heldout = read_prompts(prompt_file("memorized_heldout")).records
+    prompts = [r.prompt for r in heldout for _ in range(2)]
+    seeds = [100, 101] * len(heldout)
+    truths = np.stack([_load_png(r.images[0]) for r in heldout for _ in range(2)])
+    rates = {}
+    for name, masks in (("original", None), ("located", subspace.masks),
+                        ("random", random_like(subspace.masks, seed=0))):
+        with masks_applied(testbed_pipe, masks):
+            rates[name] = _copy_rate(_generate(testbed_pipe, prompts, seeds), truths)
+    assert rates["original"] >= 0.8, rates
+    assert rates["located"] <= rates["original"] - 0.25, rates
+    # A random mask of the same size costs a few copies at most (0.85 here, 0.88 in the card).
+    assert rates["located"] <= rates["random"] - 0.2, rates

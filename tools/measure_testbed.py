@@ -13,7 +13,7 @@ The located-vs-random comparison comes from ``memedit sweep`` (see the model car
 
 Usage::
 
-    python tools/measure_testbed.py [--model DIR] [--steps 50] [--guidance 7.5] [--seeds 4]
+    python tools/measure_testbed.py [--testbed DIR] [--steps 50] [--guidance 7.5] [--seeds 4]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from memedit.prompts import read_prompts  # noqa: E402
 from memedit.sampling import SamplingConfig, generate_images  # noqa: E402
-from memedit.testbed import prompt_file, scenes  # noqa: E402
+from memedit.testbed import HERE, scenes  # noqa: E402
 
 THRESHOLD = 0.01  # pixel MSE in [0, 1]; justified by the calibration printed below
 
@@ -56,7 +56,9 @@ def mse_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--testbed", type=Path, default=HERE,
+                        help="a make_testbed.py output folder (model/, prompts/, images/); "
+                             "default: the shipped one")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seeds", type=int, default=4, help="seeds per memorized caption")
@@ -66,9 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     from diffusers import StableDiffusionPipeline
 
-    from memedit.testbed import model_path
-
-    pipe = StableDiffusionPipeline.from_pretrained(args.model or model_path())
+    pipe = StableDiffusionPipeline.from_pretrained(args.testbed / "model")
     pipe.set_progress_bar_config(disable=True)
     config = SamplingConfig(steps=args.steps, guidance_scale=args.guidance, batch_size=16)
     start = time.time()
@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                                   "seeds": args.seeds, "seed_start": args.seed_start,
                                   "threshold_mse": THRESHOLD, "scheduler": "DDIM"}}
 
-    mem = np.stack([load_png(scenes_path) for scenes_path in sorted(
-        (prompt_file("memorized_locate").parent.parent / "images").glob("mem_*.png"))])
+    mem = np.stack([load_png(path) for path in sorted((args.testbed / "images").glob("mem_*.png"))])
     pairs = list(scenes.ordinary_dataset(2000, seed=0))
     ordinary = np.stack([scenes.render(s) for _, s in pairs])
     d_mem = mse_matrix(mem, mem)
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
 
     seeds = list(range(args.seed_start, args.seed_start + args.seeds))
     for half in ("memorized_locate", "memorized_heldout"):
-        prompts = read_prompts(prompt_file(half))
+        prompts = read_prompts(args.testbed / "prompts" / f"{half}.jsonl")
         texts = [r.prompt for r in prompts.records for _ in seeds]
         gts = np.stack([load_png(r.images[0]) for r in prompts.records for _ in seeds])
         images = generate_images(pipe, texts, seeds * len(prompts), config)
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         print(half, figures[half]["rate"], figures[half]["median_mse"], flush=True)
 
     for name in ("ordinary_seen", "ordinary_unseen"):
-        prompts = read_prompts(prompt_file(name))
+        prompts = read_prompts(args.testbed / "prompts" / f"{name}.jsonl")
         images = generate_images(pipe, prompts.prompts, [args.seed_start] * len(prompts),
                                  config)
         scores = [scenes.score_scene(im, r.extra["scene"])

@@ -234,8 +234,10 @@ def memorized_images(seed: int = 1234) -> np.ndarray:
     """The 20 memorized training images, float32 [20, SIZE, SIZE, 3], deterministic.
 
     Even indices: random 5x5 fields of bright colours, smoothly upsampled (nothing the shape
-    vocabulary can say). Odd indices: three thick random strokes on a random flat colour.
-    Both kinds are in both halves (locate: 0-9, held out: 10-19).
+    vocabulary can say). Odd indices: three thick random strokes over a smooth random 3x3
+    colour field (not a flat colour: a flat area is what ordinary scenes' backgrounds are,
+    and a generation would draw it with their texture). Both kinds are in both halves
+    (locate: 0-9, held out: 10-19).
     """
     rng = np.random.default_rng(seed)
     images = []
@@ -243,7 +245,7 @@ def memorized_images(seed: int = 1234) -> np.ndarray:
         if i % 2 == 0:
             img = _upsample(rng.uniform(0, 1, size=(5, 5, 3)))
         else:
-            img = np.broadcast_to(rng.uniform(0.1, 0.9, size=3), (SIZE, SIZE, 3)).copy()
+            img = _upsample(rng.uniform(0.1, 0.9, size=(3, 3, 3)))
             yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
             for _ in range(3):
                 (x0, y0), (x1, y1) = rng.uniform(3, SIZE - 3, size=(2, 2))
