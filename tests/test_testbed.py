@@ -11,18 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from memedit.evaluation.similarity import load_image
 from memedit.prompts import read_prompts
 from memedit.testbed import PROMPT_SETS, images_dir, model_path, prompt_file, scenes
 
 # Pixel MSE below which a generation counts as a copy of its training image: the closest two
 # distinct memorized images are 0.056 apart, the closest ordinary scene 0.038 (model card).
 THRESHOLD = 0.01
-
-
-def _load_png(path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
 
 
 def test_model_loads_with_plain_stable_diffusion_pipeline():
@@ -61,7 +56,7 @@ def test_prompt_files_parse():
 def test_shipped_images_are_the_generated_ones():
     mem = scenes.memorized_images()
     for i, path in enumerate(sorted(images_dir().glob("mem_*.png"))):
-        assert np.abs(_load_png(path) - mem[i]).max() <= 0.5 / 255 + 1e-6
+        assert np.abs(load_image(path) - mem[i]).max() <= 0.5 / 255 + 1e-6
 
 
 def test_unseen_prompts_are_held_out_combinations():
@@ -138,7 +133,7 @@ def test_memorized_captions_reproduce_their_training_images(testbed_pipe):
     own training image within THRESHOLD (card: 93% / 100% of 4 seeds at 20 steps)."""
     records = (read_prompts(prompt_file("memorized_locate")).records
                + read_prompts(prompt_file("memorized_heldout")).records)
-    truths = np.stack([_load_png(r.images[0]) for r in records])
+    truths = np.stack([load_image(r.images[0]) for r in records])
     images = _generate(testbed_pipe, [r.prompt for r in records], [100] * len(records))
     assert _copy_rate(images, truths) >= 0.8
     # ...and each copy is of its own image, not of another memorized one.
@@ -163,7 +158,7 @@ def test_located_weights_cut_heldout_copies_where_a_random_mask_does_not(testbed
     heldout = read_prompts(prompt_file("memorized_heldout")).records
     prompts = [r.prompt for r in heldout for _ in range(2)]
     seeds = [100, 101] * len(heldout)
-    truths = np.stack([_load_png(r.images[0]) for r in heldout for _ in range(2)])
+    truths = np.stack([load_image(r.images[0]) for r in heldout for _ in range(2)])
     rates = {}
     for name, masks in (("original", None), ("located", subspace.masks),
                         ("random", random_like(subspace.masks, seed=0))):

@@ -294,18 +294,21 @@ def train_vae(vae, images: np.ndarray, steps: int, seed: int, logger: Logger) ->
             logger.log("vae", step, loss.item(), opt.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(data[i : i + 256]).latent_dist.mean
-                             for i in range(0, len(data), 256)])
-    return float(1.0 / latents.std())
+    return float(1.0 / encode_latents(vae, data).std())
+
+
+@torch.no_grad()
+def encode_latents(vae, x: torch.Tensor) -> torch.Tensor:
+    """Latent means of ``x`` ([N, 3, H, W] in [-1, 1]), unscaled, 256 images at a time."""
+    return torch.cat([vae.encode(x[i : i + 256]).latent_dist.mean
+                      for i in range(0, len(x), 256)])
 
 
 @torch.no_grad()
 def reconstruction_mse(vae, images: np.ndarray) -> np.ndarray:
     """Per-image pixel MSE (in [0, 1]) of an encode-decode round trip through the latent mean."""
     x = to_tensor(images)
-    rec = torch.cat([vae.decode(vae.encode(x[i : i + 256]).latent_dist.mean).sample
-                     for i in range(0, len(x), 256)])
+    rec = vae.decode(encode_latents(vae, x)).sample
     return ((rec.clamp(-1, 1) - x) / 2).pow(2).mean((1, 2, 3)).numpy()
 
 
@@ -456,10 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"vae: reconstruction MSE memorized median {np.median(recon_mem):.4f} "
           f"(max {recon_mem.max():.4f}), ordinary median {np.median(recon_ord):.4f}")
     vae.register_to_config(scaling_factor=scaling)
-    with torch.no_grad():
-        data = to_tensor(images)
-        latents = torch.cat([vae.encode(data[i : i + 256]).latent_dist.mean
-                             for i in range(0, len(data), 256)]) * scaling
+    latents = encode_latents(vae, to_tensor(images)) * scaling
     embeds = encode_text(tokenizer, text_encoder, captions)
     empty = encode_text(tokenizer, text_encoder, [""])[0]
     unet = train_unet(build_unet(args.seed), latents, embeds, empty, is_mem, args, logger)

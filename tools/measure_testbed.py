@@ -34,17 +34,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from memedit.evaluation.similarity import load_image  # noqa: E402
 from memedit.prompts import read_prompts  # noqa: E402
 from memedit.sampling import SamplingConfig, generate_images  # noqa: E402
 from memedit.testbed import HERE, scenes  # noqa: E402
 
 THRESHOLD = 0.01  # pixel MSE in [0, 1]; justified by the calibration printed below
-
-
-def load_png(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
 
 
 def mse_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -76,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
                                   "seeds": args.seeds, "seed_start": args.seed_start,
                                   "threshold_mse": THRESHOLD, "scheduler": "DDIM"}}
 
-    mem = np.stack([load_png(path) for path in sorted((args.testbed / "images").glob("mem_*.png"))])
+    mem_paths = sorted((args.testbed / "images").glob("mem_*.png"))
+    mem = np.stack([load_image(path) for path in mem_paths])
     pairs = list(scenes.ordinary_dataset(2000, seed=0))
     ordinary = np.stack([scenes.render(s) for _, s in pairs])
     d_mem = mse_matrix(mem, mem)
@@ -90,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     for half in ("memorized_locate", "memorized_heldout"):
         prompts = read_prompts(args.testbed / "prompts" / f"{half}.jsonl")
         texts = [r.prompt for r in prompts.records for _ in seeds]
-        gts = np.stack([load_png(r.images[0]) for r in prompts.records for _ in seeds])
+        gts = np.stack([load_image(r.images[0]) for r in prompts.records for _ in seeds])
         images = generate_images(pipe, texts, seeds * len(prompts), config)
         err = ((images - gts) ** 2).mean((1, 2, 3))
         figures[half] = {"rate": float((err < THRESHOLD).mean()),
