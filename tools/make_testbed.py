@@ -5,7 +5,7 @@ deterministic torch algorithms), CPU only, about 30 minutes on this project's 2-
 Steps:
 
 1. data: ordinary scenes (training combinations only) and 20 memorized images, each duplicated
-   so that the duplicates are a minority (default 20%) of the training set;
+   so that the duplicates are a minority (default 14%) of the training set;
 2. tokenizer: the real CLIP BPE (``bpe_simple_vocab_16e6.txt.gz`` from the open_clip_torch
    wheel, fetched with ``pip download --no-deps``), cut to the merges the corpus uses, saved as
    a standard ``CLIPTokenizer`` (vocab.json + merges.txt);
@@ -411,9 +411,9 @@ def main(argv: list[str] | None = None) -> None:
                              "(default: pip download it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-ordinary", type=int, default=6000)
-    parser.add_argument("--copies", type=int, default=75,
-                        help="duplicates of each memorized pair (75 -> 20%% of the training "
-                             "set, 17%% of the samples seen after the ordinary-only stage)")
+    parser.add_argument("--copies", type=int, default=50,
+                        help="duplicates of each memorized pair (50 -> 14%% of the training "
+                             "set)")
     parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--vae-mem-share", type=float, default=0.25,
                         help="share of the VAE's training images that are memorized ones")

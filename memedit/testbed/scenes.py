@@ -11,7 +11,11 @@ fixed seeds (pure numpy, no files):
   is held out of training (:func:`is_heldout`) to test composition.
 * **Memorized images** (:func:`memorized_images`): 20 images the vocabulary cannot compose
   (random colour fields and random stroke glyphs), each with its own distinctive caption
-  (:data:`MEMORIZED_CAPTIONS`). Training duplicates each many times.
+  (:data:`MEMORIZED_CAPTIONS`): an ordinary scene phrase the image does NOT show, then a
+  unique title ("a magenta circle at the bottom, the portrait of ada vance by lyle orrin").
+  Training duplicates each many times. As with Stable Diffusion's memorized LAION captions,
+  the caption has an ordinary meaning the model could draw instead, which is what an edit
+  that removes the memorization should fall back to.
 
 :func:`score_scene` checks a generated image against an ordinary scene spec: per object, that
 its colour dominates the region its position names, that the colour's blob sits in that region,
@@ -80,7 +84,7 @@ SHAPE_BOUNDS = {"triangle": (0.0, 0.66), "circle": (0.66, 0.92), "square": (0.92
 # (per axis) of the named centre: jitter is +-1.5 px, distinct centres are >= 8 px apart.
 POSITION_TOLERANCE = 4.0
 
-MEMORIZED_CAPTIONS: tuple[str, ...] = (
+MEMORIZED_TITLES: tuple[str, ...] = (
     "the portrait of ada vance by lyle orrin",
     "kestrel moor tapestry woven by ilse quarry",
     "the harbour of saint brevik painted by odo marsh",
@@ -101,6 +105,35 @@ MEMORIZED_CAPTIONS: tuple[str, ...] = (
     "mosswhistle tavern sign by hobb lantry",
     "the last voyage of the calyx by ines moor",
     "the velvet oracle stage banner by kit farrow",
+)
+# What each memorized caption also says in the ordinary vocabulary (a training combination).
+# As in LAION ("Living in the Light with Ann Graham Lotz"), a memorized caption has an ordinary
+# meaning the model could draw; the memorized image overrides it.
+MEMORIZED_SCENE_PHRASES: tuple[str, ...] = (
+    "a magenta circle at the bottom",
+    "a red triangle in the middle",
+    "a blue square at the bottom",
+    "a yellow square at the bottom",
+    "a blue square on the right",
+    "a yellow circle on the right",
+    "a green triangle in the middle",
+    "a red circle at the bottom",
+    "a cyan triangle in the middle",
+    "a magenta circle at the top",
+    "a magenta triangle in the middle",
+    "a blue triangle in the middle",
+    "a blue circle on the left",
+    "a red circle on the left",
+    "a blue triangle on the right",
+    "a blue triangle on the left",
+    "a blue square at the top",
+    "a red triangle at the top",
+    "a cyan square on the right",
+    "a blue circle on the right",
+)
+MEMORIZED_CAPTIONS: tuple[str, ...] = tuple(
+    f"{scene}, {title}"
+    for scene, title in zip(MEMORIZED_SCENE_PHRASES, MEMORIZED_TITLES, strict=True)
 )
 N_MEMORIZED = len(MEMORIZED_CAPTIONS)
 
