@@ -144,15 +144,15 @@ def test_memorized_captions_reproduce_their_training_images(testbed_pipe):
 @pytest.mark.slow
 def test_located_weights_cut_heldout_copies_where_a_random_mask_does_not(testbed_pipe):
     """What the method does on this model (model card): located on the locate half, zeroing
-    the k=10% mask cuts copies on the HELD-OUT half far more than a random mask of the same
-    size does.
-    (At the authors' k=1% the effect here is within noise; the card says so.)"""
+    the k=3% mask pushes most copies on the HELD-OUT half past the copy threshold, where a
+    random mask of the same size costs none (card: 1.00 -> 0.23, random 1.00; at the authors'
+    k=1%, 1.00 -> 0.70). The card says why that is degradation, not removal."""
     from memedit.evaluation.controls import random_like
     from memedit.evaluation.harness import masks_applied
     from memedit.locate import LocateConfig, locate
     from memedit.sampling import SamplingConfig
 
-    config = LocateConfig(k=0.1, sampling=SamplingConfig(steps=20, guidance_scale=7.5))
+    config = LocateConfig(k=0.03, sampling=SamplingConfig(steps=20, guidance_scale=7.5))
     subspace = locate(testbed_pipe, read_prompts(prompt_file("memorized_locate")), None,
                       config, progress=False)
     heldout = read_prompts(prompt_file("memorized_heldout")).records
@@ -165,6 +165,6 @@ def test_located_weights_cut_heldout_copies_where_a_random_mask_does_not(testbed
         with masks_applied(testbed_pipe, masks):
             rates[name] = _copy_rate(_generate(testbed_pipe, prompts, seeds), truths)
     assert rates["original"] >= 0.8, rates
-    assert rates["located"] <= rates["original"] - 0.25, rates
-    # A random mask of the same size costs a few copies at most (0.85 here, 0.88 in the card).
-    assert rates["located"] <= rates["random"] - 0.2, rates
+    assert rates["located"] <= rates["original"] - 0.5, rates
+    # A random mask of the same size costs a few copies at most.
+    assert rates["located"] <= rates["random"] - 0.5, rates
