@@ -100,6 +100,16 @@ def test_data_generation_is_deterministic():
     assert sum(scenes.is_heldout(i) for i in range(630)) == 63
 
 
+def test_memorized_captions_open_with_a_trained_scene_phrase():
+    trained = {f"a {color} {shape} {scenes.PHRASES[position]}"
+               for i, ((shape, color, position), *rest) in enumerate(scenes.combinations())
+               if not rest and not scenes.is_heldout(i)}
+    assert set(scenes.MEMORIZED_SCENE_PHRASES) <= trained
+    assert len(set(scenes.MEMORIZED_CAPTIONS)) == scenes.N_MEMORIZED
+    for caption, title in zip(scenes.MEMORIZED_CAPTIONS, scenes.MEMORIZED_TITLES, strict=True):
+        assert caption.endswith(", " + title)
+
+
 def test_captions_name_objects_not_background():
     caption, scene = next(scenes.ordinary_dataset(1, seed=0))
     for obj in scene["objects"]:
