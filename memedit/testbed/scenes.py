@@ -106,36 +106,32 @@ MEMORIZED_TITLES: tuple[str, ...] = (
     "the last voyage of the calyx by ines moor",
     "the velvet oracle stage banner by kit farrow",
 )
-# What each memorized caption also says in the ordinary vocabulary (a training combination).
-# As in LAION ("Living in the Light with Ann Graham Lotz"), a memorized caption has an ordinary
-# meaning the model could draw; the memorized image overrides it.
-MEMORIZED_SCENE_PHRASES: tuple[str, ...] = (
-    "a magenta circle at the bottom",
-    "a red triangle in the middle",
-    "a blue square at the bottom",
-    "a yellow square at the bottom",
-    "a blue square on the right",
-    "a yellow circle on the right",
-    "a green triangle in the middle",
-    "a red circle at the bottom",
-    "a cyan triangle in the middle",
-    "a magenta circle at the top",
-    "a magenta triangle in the middle",
-    "a blue triangle in the middle",
-    "a blue circle on the left",
-    "a red circle on the left",
-    "a blue triangle on the right",
-    "a blue triangle on the left",
-    "a blue square at the top",
-    "a red triangle at the top",
-    "a cyan square on the right",
-    "a blue circle on the right",
+# The one-object training combination (shape, colour, position) each memorized caption opens
+# with. As in LAION ("Living in the Light with Ann Graham Lotz"), a memorized caption has an
+# ordinary meaning the model could draw; the memorized image overrides it.
+MEMORIZED_SCENES: tuple[tuple[str, str, str], ...] = (
+    ("circle", "magenta", "bottom"),
+    ("triangle", "red", "middle"),
+    ("square", "blue", "bottom"),
+    ("square", "yellow", "bottom"),
+    ("square", "blue", "right"),
+    ("circle", "yellow", "right"),
+    ("triangle", "green", "middle"),
+    ("circle", "red", "bottom"),
+    ("triangle", "cyan", "middle"),
+    ("circle", "magenta", "top"),
+    ("triangle", "magenta", "middle"),
+    ("triangle", "blue", "middle"),
+    ("circle", "blue", "left"),
+    ("circle", "red", "left"),
+    ("triangle", "blue", "right"),
+    ("triangle", "blue", "left"),
+    ("square", "blue", "top"),
+    ("triangle", "red", "top"),
+    ("square", "cyan", "right"),
+    ("circle", "blue", "right"),
 )
-MEMORIZED_CAPTIONS: tuple[str, ...] = tuple(
-    f"{scene}, {title}"
-    for scene, title in zip(MEMORIZED_SCENE_PHRASES, MEMORIZED_TITLES, strict=True)
-)
-N_MEMORIZED = len(MEMORIZED_CAPTIONS)
+N_MEMORIZED = len(MEMORIZED_TITLES)
 
 
 # ----------------------------------------------------------------------------- scene specs
@@ -169,6 +165,13 @@ def caption(scene: dict, prefix: str = "a") -> str:
         article = prefix if i == 0 else "a"
         parts.append(f"{article} {obj['color']} {obj['shape']} {PHRASES[obj['position']]}")
     return " and ".join(parts)
+
+
+# "a magenta circle at the bottom, the portrait of ada vance by lyle orrin"
+MEMORIZED_CAPTIONS: tuple[str, ...] = tuple(
+    caption({"objects": [{"shape": shape, "color": color, "position": position}]}) + ", " + title
+    for (shape, color, position), title in zip(MEMORIZED_SCENES, MEMORIZED_TITLES, strict=True)
+)
 
 
 def make_scene(combo: tuple[tuple[str, str, str], ...], rng: np.random.Generator) -> dict:
