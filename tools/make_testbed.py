@@ -182,11 +182,14 @@ def build_vae(seed: int):
 
 
 def build_unet(seed: int):
-    """UNet2DConditionModel, SD's block layout at a tiny scale.
+    """UNet2DConditionModel with SD's block kinds at a tiny scale.
 
     Cross-attention transformer blocks at 8x8 and 4x4 (two BasicTransformerBlocks per
     attention, so the FFNs the method prunes hold a larger share of the weights than in a one
-    -layer design); latent 16x16 so the pipeline's default size is the native 32x32.
+    -layer design); latent 16x16 so the pipeline's default size is the native 32x32. Unlike SD,
+    the top resolution has no attention: with SD's order (attention at 16x16 and 8x8, one layer
+    per block) a step took 0.58 s instead of 0.40 s, and 3,600 steps neither memorized nor
+    generalized (see the model card).
     """
     from diffusers import UNet2DConditionModel
 
