@@ -296,3 +296,53 @@ def test_nearest_distinct_training_pair(tmp_path):
     assert nearest_distinct_pair(Scorer("mse"), {"heldout": group}) == \
         pytest.approx((26 / 255) ** 2, rel=1e-6)
     assert nearest_distinct_pair(Scorer("mse"), {"heldout": group.subset([0])}) is None
+
+
+class _RecordingCrossAttention:
+    """Plain softmax(q k^T / sqrt(d)) attention that keeps every probability tensor."""
+
+    def __init__(self, store: list) -> None:
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 **kwargs):
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = torch.softmax(query @ key.transpose(1, 2) * attn.scale, dim=-1)
+        self.store.append(probs.view(len(hidden_states), attn.heads, *probs.shape[1:]))
+        out = attn.batch_to_head_dim(probs @ value)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def test_cross_attention_shares_match_explicit_attention(tiny_pipe):
+    from memedit.evaluation.attention import cross_attention_shares
+    from memedit.sampling import SamplingConfig
+
+    prompts = ["a red circle", "a blue square on the left over a gray background", "x"]
+    config = SamplingConfig(steps=2, guidance_scale=5.0, batch_size=2, height=32, width=32)
+    shares = cross_attention_shares(tiny_pipe, prompts, [0, 1, 2], config)
+
+    store: list[torch.Tensor] = []
+    tiny_pipe.unet.set_attn_processor({
+        name: _RecordingCrossAttention(store) if "attn2" in name else processor
+        for name, processor in tiny_pipe.unet.attn_processors.items()})
+    lengths = [len(tiny_pipe.tokenizer(p).input_ids) for p in prompts]  # with start and end
+    sums = {"start": 0.0, "words": 0.0, "end_and_padding": 0.0}
+    for first in (0, 2):
+        batch = prompts[first:first + 2]
+        store.clear()
+        tiny_pipe(prompt=batch, num_inference_steps=2, guidance_scale=5.0, height=32, width=32,
+                  generator=[torch.Generator().manual_seed(first + i) for i in range(len(batch))],
+                  output_type="latent")
+        for probs in store:
+            for row, length in enumerate(lengths[first:first + len(batch)]):
+                p = probs[len(batch) + row].mean((0, 1))  # conditional half: heads, positions
+                for token, value in enumerate(p.tolist()):
+                    kind = ("start" if token == 0 else "words" if token < length - 1
+                            else "end_and_padding")
+                    sums[kind] += value
+    total = sum(sums.values())
+    assert shares.start + shares.words + shares.end_and_padding == pytest.approx(1.0)
+    for kind, value in sums.items():
+        assert getattr(shares, kind) == pytest.approx(value / total, abs=1e-5), kind

@@ -7,7 +7,11 @@ What ``memedit sweep`` does not report, on the original model only:
 * memorization per half: the share of generations of each memorized caption (several seeds)
   within the MSE threshold of its own training image;
 * leak: the share of ordinary generations within the threshold of ANY memorized image;
-* utility: ``score_scene`` on ordinary prompts seen and unseen in training.
+* utility: ``score_scene`` on ordinary prompts seen and unseen in training;
+* where cross-attention looks: the share of the UNet's cross-attention (conditional half,
+  averaged over layers, heads, positions and steps) on the start token, the caption's words and
+  the end token with its padding (``memedit.evaluation.attention``), to compare with Stable
+  Diffusion v1, where most of it sits on the start token.
 
 The located-vs-random comparison comes from ``memedit sweep`` (see the model card).
 
@@ -23,6 +27,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from memedit.evaluation.attention import cross_attention_shares  # noqa: E402
 from memedit.evaluation.similarity import load_image  # noqa: E402
 from memedit.prompts import read_prompts  # noqa: E402
 from memedit.sampling import SamplingConfig, generate_images  # noqa: E402
@@ -105,6 +111,12 @@ def main(argv: list[str] | None = None) -> None:
         figures[name] = {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
         figures[name]["leak_rate"] = float(leak.mean())
         print(name, figures[name], flush=True)
+    figures["cross_attention"] = {}
+    for name in ("memorized_locate", "memorized_heldout", "ordinary_unseen"):
+        texts = read_prompts(args.testbed / "prompts" / f"{name}.jsonl").prompts
+        figures["cross_attention"][name] = asdict(cross_attention_shares(
+            pipe, texts, [args.seed_start] * len(texts), config))
+        print("cross-attention", name, figures["cross_attention"][name], flush=True)
     # Unconditional generations: does the empty prompt reproduce memorized images?
     images = generate_images(pipe, [""] * 16, list(range(16)), config)
     figures["unconditional_leak_rate"] = float((mse_matrix(images, mem).min(1) < THRESHOLD).mean())
