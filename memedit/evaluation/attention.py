@@ -1,11 +1,12 @@
 """Where the UNet's cross-attention looks: the start token, the caption's words, or the end
 token and its padding.
 
-In Stable Diffusion v1 nearly all cross-attention sits on the start token (an attention sink),
-and memorized prompts pull it onto a few of their own tokens (Ren et al., "Unveiling and
-Mitigating Memorization in Text-to-image Diffusion Models through Cross Attention", ECCV 2024).
-This measures the shares, so that a model (the embedded test model, say) can be compared with
-that picture.
+In Stable Diffusion v1.4 most cross-attention sits on the start token (0.9-0.99 averaged over
+positions, as measured in the Hugging Face forum thread "Cross Attention Probabilities in SD 1.4
+of start of sentence token"), and under memorization it focuses on the embeddings of a few
+specific tokens (Ren et al., "Unveiling and Mitigating Memorization in Text-to-image Diffusion
+Models through Cross Attention", ECCV 2024). This measures the shares, so that a model (the
+embedded test model, say) can be compared with that picture.
 """
 
 from __future__ import annotations
