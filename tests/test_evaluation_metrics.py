@@ -346,3 +346,13 @@ def test_cross_attention_shares_match_explicit_attention(tiny_pipe):
     assert shares.start + shares.words + shares.end_and_padding == pytest.approx(1.0)
     for kind, value in sums.items():
         assert getattr(shares, kind) == pytest.approx(value / total, abs=1e-5), kind
+
+
+def test_cross_attention_shares_refuse_a_unet_without_cross_attention():
+    from memedit.evaluation.attention import cross_attention_shares
+    from memedit.sampling import SamplingConfig
+    from memedit.testing import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(with_transformer_blocks=False)
+    with pytest.raises(MemeditError, match="no cross-attention"):
+        cross_attention_shares(pipe, ["a red circle"], [0], SamplingConfig(steps=1))

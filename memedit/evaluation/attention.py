@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memedit.errors import MemeditError
 from memedit.sampling import SamplingConfig, batches, run_pipeline
 
 
@@ -60,7 +61,8 @@ def cross_attention_shares(pipe, prompts: Sequence[str], seeds: Sequence[int],
     handles = [module.register_forward_pre_hook(hook, with_kwargs=True)
                for name, module in pipe.unet.named_modules() if name.endswith("attn2")]
     if not handles:
-        raise ValueError("the UNet has no cross-attention (attn2) layers to measure")
+        raise MemeditError("the UNet has no cross-attention (attn2) layers to measure",
+                           hint="give a text-to-image UNet with transformer blocks, as SD's")
     try:
         first = 0
         for batch in batches(list(zip(prompts, seeds, strict=True)), config.batch_size):
