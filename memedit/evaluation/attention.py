@@ -40,23 +40,22 @@ def cross_attention_shares(pipe, prompts: Sequence[str], seeds: Sequence[int],
     tokens = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
     lengths = tokens.attention_mask.sum(1)  # start token + words + end token
-    totals = torch.zeros(3, dtype=torch.float64)
+    # Running [start, words, end + padding] sums, kept on the device: no sync per layer call.
+    sums = torch.zeros(3, device=pipe.device)
     current: dict[str, torch.Tensor] = {}
 
     def hook(attn, args, kwargs) -> None:
         hidden, context = args[0], kwargs["encoder_hidden_states"]
         query = attn.head_to_batch_dim(attn.to_q(hidden))
         key = attn.head_to_batch_dim(attn.to_k(context))
-        probs = attn.get_attention_scores(query, key, None)
+        probs = attn.get_attention_scores(query, key, None).float()
         probs = probs.view(len(hidden), attn.heads, *probs.shape[1:]).mean((1, 2))
         # The conditional rows come last (after the unconditional ones under guidance).
-        probs = probs[-len(current["lengths"]):].double().cpu()
-        position = torch.arange(probs.shape[1])
+        probs = probs[-len(current["lengths"]):]
+        position = torch.arange(probs.shape[1], device=probs.device)
         words = (position[None] >= 1) & (position[None] < current["lengths"][:, None] - 1)
         start = probs[:, 0].sum()
-        totals[0] += start
-        totals[1] += probs[words].sum()
-        totals[2] += probs[~words].sum() - start
+        sums.add_(torch.stack([start, probs[words].sum(), probs[~words].sum() - start]))
 
     handles = [module.register_forward_pre_hook(hook, with_kwargs=True)
                for name, module in pipe.unet.named_modules() if name.endswith("attn2")]
@@ -66,12 +65,13 @@ def cross_attention_shares(pipe, prompts: Sequence[str], seeds: Sequence[int],
     try:
         first = 0
         for batch in batches(list(zip(prompts, seeds, strict=True)), config.batch_size):
-            current["lengths"] = lengths[first:first + len(batch)]
+            current["lengths"] = lengths[first:first + len(batch)].to(pipe.device)
             run_pipeline(pipe, [p for p, _ in batch], [s for _, s in batch], config,
                          output_type="latent")
             first += len(batch)
     finally:
         for handle in handles:
             handle.remove()
+    totals = sums.double().cpu()
     totals /= totals.sum()
     return TokenShares(*(float(x) for x in totals))
