@@ -316,12 +316,17 @@ class _RecordingCrossAttention:
 
 
 def test_cross_attention_shares_match_explicit_attention(tiny_pipe):
-    from memedit.evaluation.attention import cross_attention_shares
-    from memedit.sampling import SamplingConfig
+    from memedit.evaluation.attention import CrossAttentionRecorder
+    from memedit.sampling import SamplingConfig, generate_images
 
     prompts = ["a red circle", "a blue square on the left over a gray background", "x"]
     config = SamplingConfig(steps=2, guidance_scale=5.0, batch_size=2, height=32, width=32)
-    shares = cross_attention_shares(tiny_pipe, prompts, [0, 1, 2], config)
+    with CrossAttentionRecorder(tiny_pipe) as recorder:
+        generate_images(tiny_pipe, prompts, [0, 1, 2], config)
+    shares = recorder.shares()
+    # Closed: further generations add nothing.
+    generate_images(tiny_pipe, ["a green triangle"], [3], config)
+    assert recorder.shares() == shares
 
     store: list[torch.Tensor] = []
     tiny_pipe.unet.set_attn_processor({
@@ -348,11 +353,13 @@ def test_cross_attention_shares_match_explicit_attention(tiny_pipe):
         assert getattr(shares, kind) == pytest.approx(value / total, abs=1e-5), kind
 
 
-def test_cross_attention_shares_refuse_a_unet_without_cross_attention():
-    from memedit.evaluation.attention import cross_attention_shares
-    from memedit.sampling import SamplingConfig
+def test_cross_attention_recorder_refuses_what_it_cannot_measure(tiny_pipe):
+    from memedit.evaluation.attention import CrossAttentionRecorder
     from memedit.testing import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline(with_transformer_blocks=False)
     with pytest.raises(MemeditError, match="no cross-attention"):
-        cross_attention_shares(pipe, ["a red circle"], [0], SamplingConfig(steps=1))
+        CrossAttentionRecorder(build_tiny_pipeline(with_transformer_blocks=False)).__enter__()
+    with CrossAttentionRecorder(tiny_pipe) as recorder:
+        pass
+    with pytest.raises(MemeditError, match="no cross-attention was recorded"):
+        recorder.shares()

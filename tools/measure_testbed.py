@@ -10,8 +10,9 @@ What ``memedit sweep`` does not report, on the original model only:
 * utility: ``score_scene`` on ordinary prompts seen and unseen in training;
 * where cross-attention looks: the share of the UNet's cross-attention (conditional half,
   averaged over layers, heads, positions and steps) on the start token, the caption's words and
-  the end token with its padding (``memedit.evaluation.attention``), to compare with Stable
-  Diffusion v1, where most of it sits on the start token.
+  the end token with its padding, recorded during the generations above
+  (``memedit.evaluation.attention``), to compare with Stable Diffusion v1, where most of it
+  sits on the start token.
 
 The located-vs-random comparison comes from ``memedit sweep`` (see the model card).
 
@@ -39,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from memedit.evaluation.attention import cross_attention_shares  # noqa: E402
+from memedit.evaluation.attention import CrossAttentionRecorder  # noqa: E402
 from memedit.evaluation.similarity import load_image  # noqa: E402
 from memedit.prompts import read_prompts  # noqa: E402
 from memedit.sampling import SamplingConfig, generate_images  # noqa: E402
@@ -89,34 +90,34 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     seeds = list(range(args.seed_start, args.seed_start + args.seeds))
+    figures["cross_attention"] = {}  # measured during the generations below
     for half in ("memorized_locate", "memorized_heldout"):
         prompts = read_prompts(args.testbed / "prompts" / f"{half}.jsonl")
         texts = [r.prompt for r in prompts.records for _ in seeds]
         gts = np.stack([load_image(r.images[0]) for r in prompts.records for _ in seeds])
-        images = generate_images(pipe, texts, seeds * len(prompts), config)
+        with CrossAttentionRecorder(pipe) as attention:
+            images = generate_images(pipe, texts, seeds * len(prompts), config)
+        figures["cross_attention"][half] = asdict(attention.shares())
         err = ((images - gts) ** 2).mean((1, 2, 3))
         figures[half] = {"rate": float((err < THRESHOLD).mean()),
                          "median_mse": float(np.median(err)),
                          "per_prompt_rate": [float((e < THRESHOLD).mean())
                                              for e in err.reshape(len(prompts), -1)]}
-        print(half, figures[half]["rate"], figures[half]["median_mse"], flush=True)
+        print(half, figures[half]["rate"], figures[half]["median_mse"],
+              figures["cross_attention"][half], flush=True)
 
     for name in ("ordinary_seen", "ordinary_unseen"):
         prompts = read_prompts(args.testbed / "prompts" / f"{name}.jsonl")
-        images = generate_images(pipe, prompts.prompts, [args.seed_start] * len(prompts),
-                                 config)
+        with CrossAttentionRecorder(pipe) as attention:
+            images = generate_images(pipe, prompts.prompts, [args.seed_start] * len(prompts),
+                                     config)
+        figures["cross_attention"][name] = asdict(attention.shares())
         scores = [scenes.score_scene(im, r.extra["scene"])
                   for im, r in zip(images, prompts.records, strict=True)]
         leak = mse_matrix(images, mem).min(1) < THRESHOLD
         figures[name] = {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
         figures[name]["leak_rate"] = float(leak.mean())
-        print(name, figures[name], flush=True)
-    figures["cross_attention"] = {}
-    for name in ("memorized_locate", "memorized_heldout", "ordinary_unseen"):
-        texts = read_prompts(args.testbed / "prompts" / f"{name}.jsonl").prompts
-        figures["cross_attention"][name] = asdict(cross_attention_shares(
-            pipe, texts, [args.seed_start] * len(texts), config))
-        print("cross-attention", name, figures["cross_attention"][name], flush=True)
+        print(name, figures[name], figures["cross_attention"][name], flush=True)
     # Unconditional generations: does the empty prompt reproduce memorized images?
     images = generate_images(pipe, [""] * 16, list(range(16)), config)
     figures["unconditional_leak_rate"] = float((mse_matrix(images, mem).min(1) < THRESHOLD).mean())

@@ -11,13 +11,11 @@ embedded test model, say) can be compared with that picture.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from memedit.errors import MemeditError
-from memedit.sampling import SamplingConfig, batches, run_pipeline
 
 
 @dataclass(frozen=True)
@@ -30,48 +28,77 @@ class TokenShares:
     end_and_padding: float
 
 
-def cross_attention_shares(pipe, prompts: Sequence[str], seeds: Sequence[int],
-                           config: SamplingConfig) -> TokenShares:
-    """Denoise ``prompts`` and measure where every ``attn2`` of the UNet puts its attention.
+class CrossAttentionRecorder:
+    """Context manager: while it is open, every call of ``pipe`` adds to the shares.
 
-    Pre-hooks recompute each block's attention probabilities from its own inputs, so the
-    forward pass (and the images) are those of the untouched pipeline.
+    It wraps generation the caller does anyway, so measuring costs no extra denoising. A
+    pre-hook on the text encoder reads each call's token ids (a Stable Diffusion pipeline
+    encodes the prompts before the negative prompts, so the first encoding before a run of UNet
+    calls is the conditional one); pre-hooks on every ``attn2`` recompute the attention
+    probabilities from the block's own inputs, so the images are those of the untouched
+    pipeline. Sums stay on the device: no sync per layer call.
     """
-    tokens = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
-                            max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
-    lengths = tokens.attention_mask.sum(1)  # start token + words + end token
-    # Running [start, words, end + padding] sums, kept on the device: no sync per layer call.
-    sums = torch.zeros(3, device=pipe.device)
-    current: dict[str, torch.Tensor] = {}
 
-    def hook(attn, args, kwargs) -> None:
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        self.sums = torch.zeros(3, device=pipe.device)  # start, words, end + padding
+        self._encoded: list[torch.Tensor] = []  # token ids encoded since the last UNet call
+        self._words: torch.Tensor | None = None  # [prompts, tokens] mask of the current call
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> CrossAttentionRecorder:
+        attention = [module for name, module in self.pipe.unet.named_modules()
+                     if name.endswith("attn2")]
+        if not attention:
+            raise MemeditError("the UNet has no cross-attention (attn2) layers to measure",
+                               hint="give a text-to-image UNet with transformer blocks, as SD's")
+        self._handles = [
+            self.pipe.text_encoder.register_forward_pre_hook(self._text_hook, with_kwargs=True),
+            self.pipe.unet.register_forward_pre_hook(self._unet_hook),
+            *(module.register_forward_pre_hook(self._attention_hook, with_kwargs=True)
+              for module in attention)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _text_hook(self, module, args, kwargs) -> None:
+        self._encoded.append(args[0] if args else kwargs["input_ids"])
+
+    def _unet_hook(self, module, args) -> None:
+        if self._encoded:  # the first UNet call of a pipeline call
+            ids = self._encoded[0]
+            self._encoded = []
+            # Words sit between the start token and the first end token.
+            end = (ids == self.pipe.tokenizer.eos_token_id).int().argmax(dim=1)
+            position = torch.arange(ids.shape[1], device=ids.device)
+            self._words = ((position[None] >= 1) & (position[None] < end[:, None])).to(
+                self.sums.device)
+
+    def _attention_hook(self, attn, args, kwargs) -> None:
+        if self._words is None:
+            raise MemeditError("cross-attention ran with no prompt encoded by the text encoder",
+                               hint="pass prompts, not prompt_embeds, while recording")
         hidden, context = args[0], kwargs["encoder_hidden_states"]
+        if len(hidden) not in (len(self._words), 2 * len(self._words)):
+            raise MemeditError(f"cross-attention saw {len(hidden)} rows for "
+                               f"{len(self._words)} prompts",
+                               hint="record with one image per prompt")
         query = attn.head_to_batch_dim(attn.to_q(hidden))
         key = attn.head_to_batch_dim(attn.to_k(context))
         probs = attn.get_attention_scores(query, key, None).float()
         probs = probs.view(len(hidden), attn.heads, *probs.shape[1:]).mean((1, 2))
         # The conditional rows come last (after the unconditional ones under guidance).
-        probs = probs[-len(current["lengths"]):]
-        position = torch.arange(probs.shape[1], device=probs.device)
-        words = (position[None] >= 1) & (position[None] < current["lengths"][:, None] - 1)
+        probs = probs[-len(self._words):]
         start = probs[:, 0].sum()
-        sums.add_(torch.stack([start, probs[words].sum(), probs[~words].sum() - start]))
+        self.sums.add_(torch.stack(
+            [start, probs[self._words].sum(), probs[~self._words].sum() - start]))
 
-    handles = [module.register_forward_pre_hook(hook, with_kwargs=True)
-               for name, module in pipe.unet.named_modules() if name.endswith("attn2")]
-    if not handles:
-        raise MemeditError("the UNet has no cross-attention (attn2) layers to measure",
-                           hint="give a text-to-image UNet with transformer blocks, as SD's")
-    try:
-        first = 0
-        for batch in batches(list(zip(prompts, seeds, strict=True)), config.batch_size):
-            current["lengths"] = lengths[first:first + len(batch)].to(pipe.device)
-            run_pipeline(pipe, [p for p, _ in batch], [s for _, s in batch], config,
-                         output_type="latent")
-            first += len(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    totals = sums.double().cpu()
-    totals /= totals.sum()
-    return TokenShares(*(float(x) for x in totals))
+    def shares(self) -> TokenShares:
+        totals = self.sums.double().cpu()
+        if totals.sum() == 0:
+            raise MemeditError("no cross-attention was recorded",
+                               hint="generate with the pipeline inside the `with` block")
+        return TokenShares(*(float(x) for x in totals / totals.sum()))
