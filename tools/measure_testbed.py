@@ -14,11 +14,20 @@ What ``memedit sweep`` does not report, on the original model only:
   (``memedit.evaluation.attention``), to compare with Stable Diffusion v1, where most of it
   sits on the start token.
 
-The located-vs-random comparison comes from ``memedit sweep`` (see the model card).
+* what the edit leaves (``--edit-k``, default the method's k = 1%): the mask is located on the
+  locate half with memedit's defaults but k, then for the held-out half, original vs located vs
+  a random mask of the same size: the copies, and whether a generation that is no longer a copy
+  has lost the memorized image (nearest training image, MSE within twice the threshold) or
+  draws what its caption's scene phrase says (``score_scene``), which is what removal should
+  fall back to.
+
+The full located-vs-random comparison on utility comes from ``memedit sweep`` (see the model
+card).
 
 Usage::
 
     python tools/measure_testbed.py [--testbed DIR] [--steps 50] [--guidance 7.5] [--seeds 4]
+                                    [--edit-k 0.01 0.03 | --edit-k]
 """
 
 from __future__ import annotations
@@ -41,7 +50,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from memedit.evaluation.attention import CrossAttentionRecorder  # noqa: E402
+from memedit.evaluation.controls import random_like  # noqa: E402
+from memedit.evaluation.harness import masks_applied  # noqa: E402
 from memedit.evaluation.similarity import load_image  # noqa: E402
+from memedit.locate import LocateConfig, locate  # noqa: E402
 from memedit.prompts import read_prompts  # noqa: E402
 from memedit.sampling import SamplingConfig, generate_images  # noqa: E402
 from memedit.testbed import HERE, scenes  # noqa: E402
@@ -56,6 +68,25 @@ def mse_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return ((a2**2).sum(1)[:, None] + (b2**2).sum(1)[None] - 2 * a2 @ b2.T) / a2.shape[1]
 
 
+def edit_outcome(images: np.ndarray, own: np.ndarray, mem: np.ndarray,
+                 scene_specs: list[dict]) -> dict[str, float]:
+    """What memorized-caption generations show: a copy, a degraded copy, or the caption's scene.
+
+    ``own[i]`` indexes generation i's training image in ``mem``; ``scene_specs[i]`` is the scene
+    its caption's opening phrase names.
+    """
+    distances = mse_matrix(images, mem)
+    err = distances[np.arange(len(images)), own]
+    scores = [scenes.score_scene(image, spec)
+              for image, spec in zip(images, scene_specs, strict=True)]
+    return {"copies": float((err < THRESHOLD).mean()),
+            "median_mse": float(np.median(err)),
+            "nearest_is_own_image": float((distances.argmin(1) == own).mean()),
+            "within_twice_threshold": float((err < 2 * THRESHOLD).mean()),
+            "draws_scene_phrase": float(np.mean([score["overall"] for score in scores])),
+            "scene_colour_right": float(np.mean([score["color"] for score in scores]))}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--testbed", type=Path, default=HERE,
@@ -65,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seeds", type=int, default=4, help="seeds per memorized caption")
     parser.add_argument("--seed-start", type=int, default=100)
+    parser.add_argument("--edit-k", type=float, nargs="*", default=[0.01],
+                        help="k of the located edits to measure on the held-out half "
+                             "(none: skip)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -105,6 +139,31 @@ def main(argv: list[str] | None = None) -> None:
                                              for e in err.reshape(len(prompts), -1)]}
         print(half, figures[half]["rate"], figures[half]["median_mse"],
               figures["cross_attention"][half], flush=True)
+        if half == "memorized_heldout":
+            heldout, heldout_texts, heldout_images = prompts, texts, images
+
+    if args.edit_k:
+        names = [path.name for path in mem_paths]
+        own = np.array([names.index(Path(r.images[0]).name) for r in heldout.records
+                        for _ in seeds])
+        scene_specs = []
+        for text in heldout_texts:
+            shape, color, position = scenes.MEMORIZED_SCENES[scenes.MEMORIZED_CAPTIONS.index(text)]
+            scene_specs.append({"objects": [{"shape": shape, "color": color,
+                                             "position": position}]})
+        locate_half = read_prompts(args.testbed / "prompts" / "memorized_locate.jsonl")
+        figures["edit"] = {"original": edit_outcome(heldout_images, own, mem, scene_specs)}
+        for k in args.edit_k:
+            subspace = locate(pipe, locate_half, config=LocateConfig(k=k, sampling=config),
+                              progress=False)
+            for name, masks in ((f"located k={k:g}", subspace.masks),
+                                (f"random k={k:g}", random_like(subspace.masks, seed=0))):
+                with masks_applied(pipe, masks):
+                    edited = generate_images(pipe, heldout_texts, seeds * len(heldout), config)
+                figures["edit"][name] = edit_outcome(edited, own, mem, scene_specs)
+                figures["edit"][name]["zeroed"] = subspace.num_selected
+        for name, outcome in figures["edit"].items():
+            print("held-out,", name, outcome, flush=True)
 
     for name in ("ordinary_seen", "ordinary_unseen"):
         prompts = read_prompts(args.testbed / "prompts" / f"{name}.jsonl")
