@@ -4,6 +4,7 @@ located weights matter for that where random ones do not."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 
@@ -107,6 +108,18 @@ def test_memorized_captions_open_with_a_trained_scene_phrase():
     assert len(set(scenes.MEMORIZED_CAPTIONS)) == scenes.N_MEMORIZED
     for caption, title in zip(scenes.MEMORIZED_CAPTIONS, scenes.MEMORIZED_TITLES, strict=True):
         assert caption.endswith(", " + title)
+
+
+def test_alt_text_titles_are_fresh_and_never_a_memorized_title():
+    pairs = list(scenes.ordinary_dataset(2000, seed=0, title_share=0.8))
+    titles = [text.split(", ", 1)[1] for text, _ in pairs if ", " in text]
+    assert 0.75 < len(titles) / len(pairs) < 0.85
+    # noise: a title recurs a few times at most, where a memorized one recurs 50 times
+    assert max(collections.Counter(titles).values()) <= 5
+    assert not set(titles) & set(scenes.MEMORIZED_TITLES)
+    for text, scene in pairs:  # the title follows the scene phrase, which is unchanged
+        assert text.split(", ", 1)[0] in {scenes.caption(scene, p) for p in scenes.PREFIXES}
+    assert not any(", " in text for text, _ in scenes.ordinary_dataset(200, seed=0))
 
 
 def test_captions_name_objects_not_background():

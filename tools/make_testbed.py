@@ -5,7 +5,9 @@ deterministic torch algorithms), CPU only, about 30 minutes on this project's 2-
 Steps:
 
 1. data: ordinary scenes (training combinations only) and 20 memorized images, each duplicated
-   so that the duplicates are a minority (default 14%) of the training set;
+   so that the duplicates are a minority (default 14%) of the training set; optionally
+   (``--title-share``) ordinary captions ending in a fresh alt-text title that names nothing
+   in the picture, as LAION's do (not in the shipped recipe: see the model card);
 2. tokenizer: the real CLIP BPE (``bpe_simple_vocab_16e6.txt.gz`` from the open_clip_torch
    wheel, fetched with ``pip download --no-deps``), cut to the merges the corpus uses, saved as
    a standard ``CLIPTokenizer`` (vocab.json + merges.txt);
@@ -219,9 +221,9 @@ def quantize(images: np.ndarray) -> np.ndarray:
     return (np.round(np.clip(images, 0, 1) * 255) / 255).astype(np.float32)
 
 
-def make_data(n_ordinary: int, copies: int, seed: int):
+def make_data(n_ordinary: int, copies: int, seed: int, title_share: float):
     """Training captions and images: ordinary scenes plus ``copies`` of each memorized pair."""
-    pairs = list(scenes.ordinary_dataset(n_ordinary, seed=seed))
+    pairs = list(scenes.ordinary_dataset(n_ordinary, seed=seed, title_share=title_share))
     captions = [c for c, _ in pairs]
     images = [scenes.render(s) for _, s in pairs]
     mem = quantize(scenes.memorized_images())
@@ -417,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copies", type=int, default=50,
                         help="duplicates of each memorized pair (50 -> 14%% of the training "
                              "set)")
+    parser.add_argument("--title-share", type=float, default=0.0,
+                        help="share of ordinary captions that end in a random alt-text title "
+                             "(default 0, the shipped recipe)")
     parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--vae-mem-share", type=float, default=0.25,
                         help="share of the VAE's training images that are memorized ones")
@@ -440,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     logger = Logger(model_dir / "training_log.csv")
 
-    captions, images, is_mem, pairs = make_data(args.n_ordinary, args.copies, args.seed)
+    captions, images, is_mem, pairs = make_data(args.n_ordinary, args.copies, args.seed,
+                                              args.title_share)
     print(f"data: {len(captions)} pairs, {is_mem.mean():.1%} memorized duplicates")
     every_text = captions + [scenes.caption(scenes.make_scene(c, np.random.default_rng(0)), p)
                              for c in scenes.combinations() for p in scenes.PREFIXES]

@@ -8,7 +8,9 @@ fixed seeds (pure numpy, no files):
   shape in the middle), over a *random, unnamed* grey textured background. The caption names
   the shapes, their colours and positions but never the background, so - as with Stable
   Diffusion's captions - much of the image is left open. 630 combinations exist; a fixed tenth
-  is held out of training (:func:`is_heldout`) to test composition.
+  is held out of training (:func:`is_heldout`) to test composition. Optionally, as in LAION's
+  alt-text, a share of the training captions end in a title that names nothing in the picture
+  (:func:`random_title`: "the poster of naples by alice stewart"), drawn fresh each time.
 * **Memorized images** (:func:`memorized_images`): 20 images the vocabulary cannot compose
   (random colour fields and random stroke glyphs), each with its own distinctive caption
   (:data:`MEMORIZED_CAPTIONS`): an ordinary scene phrase the image does NOT show, then a
@@ -191,10 +193,50 @@ def make_scene(combo: tuple[tuple[str, str, str], ...], rng: np.random.Generator
     return {"objects": objects, "background": {"seed": int(rng.integers(0, 2**31 - 1))}}
 
 
-def ordinary_dataset(count: int, seed: int = 0, heldout: bool = False
+# Word pools of the alt-text titles. The title nouns are those of the memorized titles
+# ("portrait", "poster", "map"...), the names and places are not: what makes a memorized title
+# stand out is that it repeats, not its words.
+TITLE_FIRST_NAMES = (
+    "anna", "ben", "carla", "david", "elena", "frank", "grace", "henry", "iris", "jack", "karen",
+    "leo", "maria", "nina", "oscar", "paul", "rosa", "sam", "tina", "victor", "walter", "alice",
+    "bruno", "clara", "diego", "emma", "felix", "hugo", "laura", "max")
+TITLE_LAST_NAMES = (
+    "smith", "brown", "miller", "wilson", "moore", "taylor", "clark", "lewis", "walker", "young",
+    "king", "wright", "hill", "green", "baker", "adams", "nelson", "carter", "mitchell",
+    "roberts", "turner", "phillips", "parker", "evans", "edwards", "collins", "stewart",
+    "morris", "murphy", "cook")
+TITLE_NOUNS = (
+    "portrait", "poster", "map", "album cover", "book cover", "print", "tapestry", "window",
+    "banner", "sign", "flyer", "painting", "photo", "postcard", "sticker", "logo", "mural",
+    "card", "wallpaper", "illustration")
+TITLE_PLACES = (
+    "london", "paris", "berlin", "boston", "denver", "dublin", "lisbon", "madrid", "oslo",
+    "prague", "rome", "seattle", "sydney", "tokyo", "vienna", "venice", "cairo", "miami",
+    "austin", "geneva", "chicago", "toronto", "naples", "florence")
+# Alt-text as scraped, articles and all ("a album cover from vienna").
+TITLE_TEMPLATES = (
+    "the {noun} of {first} {last}", "{place} {noun} by {first} {last}",
+    "the {noun} of {place} by {first} {last}", "{place} {noun}",
+    "{noun} designed by {first} {last}", "{first} {last} {noun}", "the {place} {noun}",
+    "a {noun} from {place}")
+
+
+def random_title(rng: np.random.Generator) -> str:
+    """A fresh alt-text title that names nothing in the picture (919,440 possible)."""
+    template = TITLE_TEMPLATES[int(rng.integers(len(TITLE_TEMPLATES)))]
+    words = {key: pool[int(rng.integers(len(pool)))] for key, pool in (
+        ("first", TITLE_FIRST_NAMES), ("last", TITLE_LAST_NAMES), ("noun", TITLE_NOUNS),
+        ("place", TITLE_PLACES))}
+    return template.format(**words)
+
+
+def ordinary_dataset(count: int, seed: int = 0, heldout: bool = False, title_share: float = 0.0
                      ) -> Iterator[tuple[str, dict]]:
     """``count`` (caption, scene) pairs from the training (or held-out) combinations.
 
+    A ``title_share`` of the captions end in a fresh :func:`random_title`, as LAION's alt-text
+    carries names and titles the picture does not show: the model learns that a title is
+    usually noise, so a memorized caption's title, the one that repeats, is its only trigger.
     Deterministic in ``seed``: the same arguments give the same pairs.
     """
     rng = np.random.default_rng(seed)
@@ -203,7 +245,10 @@ def ordinary_dataset(count: int, seed: int = 0, heldout: bool = False
         combo = combos[int(rng.integers(len(combos)))]
         prefix = PREFIXES[int(rng.integers(len(PREFIXES)))]
         scene = make_scene(combo, rng)
-        yield caption(scene, prefix), scene
+        text = caption(scene, prefix)
+        if title_share and rng.random() < title_share:
+            text += ", " + random_title(rng)
+        yield text, scene
 
 
 # ----------------------------------------------------------------------------- rendering
