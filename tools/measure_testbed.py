@@ -1,6 +1,7 @@
-"""Measure the embedded test model's memorization, leak and utility (figures for its card).
+"""Measure the embedded test model's memorization, leak, utility and what an edit leaves.
 
-What ``memedit sweep`` does not report, on the original model only:
+The figures of its model card that ``memedit sweep`` does not report (all on the original
+model but the last):
 
 * the distance calibration behind the memorization threshold: pixel MSE between distinct
   memorized training images, and from each memorized image to the nearest ordinary scene;
