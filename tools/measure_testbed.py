@@ -38,7 +38,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,8 +54,8 @@ from memedit.evaluation.attention import CrossAttentionRecorder  # noqa: E402
 from memedit.evaluation.controls import random_like  # noqa: E402
 from memedit.evaluation.harness import masks_applied  # noqa: E402
 from memedit.evaluation.similarity import load_image  # noqa: E402
-from memedit.locate import LocateConfig, locate  # noqa: E402
-from memedit.prompts import read_prompts  # noqa: E402
+from memedit.locate import LocateConfig, record_statistics, select_subspace  # noqa: E402
+from memedit.prompts import empty_reference, read_prompts  # noqa: E402
 from memedit.sampling import SamplingConfig, generate_images  # noqa: E402
 from memedit.testbed import HERE, scenes  # noqa: E402
 
@@ -153,10 +153,13 @@ def main(argv: list[str] | None = None) -> None:
             scene_specs.append({"objects": [{"shape": shape, "color": color,
                                              "position": position}]})
         locate_half = read_prompts(args.testbed / "prompts" / "memorized_locate.jsonl")
+        locate_config = LocateConfig(sampling=config)
+        # Statistics do not depend on k (as in `memedit sweep`): record once, select per k.
+        stats_mem = record_statistics(pipe, locate_half, locate_config, progress=False)
+        stats_ref = record_statistics(pipe, empty_reference(1), locate_config, progress=False)
         figures["edit"] = {"original": edit_outcome(heldout_images, own, mem, scene_specs)}
         for k in args.edit_k:
-            subspace = locate(pipe, locate_half, config=LocateConfig(k=k, sampling=config),
-                              progress=False)
+            subspace = select_subspace(pipe, stats_mem, stats_ref, replace(locate_config, k=k))
             for name, masks in ((f"located k={k:g}", subspace.masks),
                                 (f"random k={k:g}", random_like(subspace.masks, seed=0))):
                 with masks_applied(pipe, masks):
