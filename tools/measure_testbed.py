@@ -4,10 +4,14 @@ The figures of its model card that ``memedit sweep`` does not report (all on the
 model but the last):
 
 * the distance calibration behind the memorization threshold: pixel MSE between distinct
-  memorized training images, and from each memorized image to the nearest ordinary scene;
+  memorized training images, from each memorized image to the nearest ordinary scene, and to
+  the nearest rendering of its own caption's scene phrase (the shape over an ordinary
+  background: what a generation that draws the caption without the memorized image is);
 * memorization per half: the share of generations of each memorized caption (several seeds)
   within the MSE threshold of its own training image;
-* leak: the share of ordinary generations within the threshold of ANY memorized image;
+* leak: the share of ordinary generations within the threshold of ANY memorized image, and of
+  generations of each memorized caption's scene phrase alone ("a magenta circle at the
+  bottom", its title left out) within the threshold of that caption's image;
 * utility: ``score_scene`` on ordinary prompts seen and unseen in training;
 * where cross-attention looks: the share of the UNet's cross-attention (conditional half,
   averaged over layers, heads, positions and steps) on the start token, the caption's words and
@@ -20,7 +24,7 @@ model but the last):
   a random mask of the same size: the copies, and whether a generation that is no longer a copy
   has lost the memorized image (nearest training image, MSE within twice the threshold) or
   draws what its caption's scene phrase says (``score_scene``), which is what removal should
-  fall back to.
+  fall back to (and how many do so while no longer a copy).
 
 The full located-vs-random comparison on utility comes from ``memedit sweep`` (see the model
 card).
@@ -85,6 +89,9 @@ def edit_outcome(images: np.ndarray, own: np.ndarray, mem: np.ndarray,
             "nearest_is_own_image": float((distances.argmin(1) == own).mean()),
             "within_twice_threshold": float((err < 2 * THRESHOLD).mean()),
             "draws_scene_phrase": float(np.mean([score["overall"] for score in scores])),
+            # Removal as the paper means it: the caption still drawn, the training image gone.
+            "draws_scene_phrase_not_a_copy": float(np.mean(
+                [s["overall"] and e >= THRESHOLD for s, e in zip(scores, err, strict=True)])),
             "scene_colour_right": float(np.mean([score["color"] for score in scores]))}
 
 
@@ -119,9 +126,17 @@ def main(argv: list[str] | None = None) -> None:
     ordinary = np.stack([scenes.render(s) for _, s in pairs])
     d_mem = mse_matrix(mem, mem)
     np.fill_diagonal(d_mem, np.inf)
+    # The nearest a faithful drawing of a memorized caption's scene phrase, over an ordinary
+    # background, comes to the memorized image: 200 renders of each caption's own scene.
+    rng = np.random.default_rng(0)
+    own_scene = min(
+        float(mse_matrix(image[None], np.stack(
+            [scenes.render(scenes.make_scene((combo,), rng)) for _ in range(200)])).min())
+        for image, combo in zip(mem, scenes.MEMORIZED_SCENES, strict=True))
     figures["calibration"] = {
         "min_mse_between_memorized_images": float(d_mem.min()),
         "min_mse_memorized_to_ordinary_scene": float(mse_matrix(mem, ordinary).min()),
+        "min_mse_memorized_to_its_own_scene_rendered": own_scene,
     }
 
     seeds = list(range(args.seed_start, args.seed_start + args.seeds))
@@ -181,6 +196,15 @@ def main(argv: list[str] | None = None) -> None:
         figures[name] = {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
         figures[name]["leak_rate"] = float(leak.mean())
         print(name, figures[name], figures["cross_attention"][name], flush=True)
+    # Each memorized caption's scene phrase without its title ("a magenta circle at the
+    # bottom"): an ordinary prompt that shares the caption's words but not its trigger.
+    phrases = [scenes.caption({"objects": [{"shape": shape, "color": color, "position": position}]})
+               for shape, color, position in scenes.MEMORIZED_SCENES]
+    images = generate_images(pipe, [p for p in phrases for _ in seeds], seeds * len(phrases),
+                             config)
+    own_images = np.repeat(mem, len(seeds), axis=0)
+    figures["scene_phrase_leak_rate"] = float(
+        (((images - own_images) ** 2).mean((1, 2, 3)) < THRESHOLD).mean())
     # Unconditional generations: does the empty prompt reproduce memorized images?
     images = generate_images(pipe, [""] * 16, list(range(16)), config)
     figures["unconditional_leak_rate"] = float((mse_matrix(images, mem).min(1) < THRESHOLD).mean())
