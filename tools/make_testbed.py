@@ -5,9 +5,9 @@ deterministic torch algorithms), CPU only, about 30 minutes on this project's 2-
 Steps:
 
 1. data: ordinary scenes (training combinations only) and 20 memorized images, each duplicated
-   so that the duplicates are a minority (default 14%) of the training set; optionally
-   (``--title-share``) ordinary captions ending in a fresh alt-text title that names nothing
-   in the picture, as LAION's do (not in the shipped recipe: see the model card);
+   so that the duplicates are a minority (default 20%) of the training set; most ordinary
+   captions (``--title-share``, default 80%) end in a fresh alt-text title that names nothing
+   in the picture, as LAION's do, so that only a memorized caption's title repeats;
 2. tokenizer: the real CLIP BPE (``bpe_simple_vocab_16e6.txt.gz`` from the open_clip_torch
    wheel, fetched with ``pip download --no-deps``), cut to the merges the corpus uses, saved as
    a standard ``CLIPTokenizer`` (vocab.json + merges.txt);
@@ -416,12 +416,12 @@ def main(argv: list[str] | None = None) -> None:
                              "(default: pip download it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-ordinary", type=int, default=6000)
-    parser.add_argument("--copies", type=int, default=50,
-                        help="duplicates of each memorized pair (50 -> 14%% of the training "
+    parser.add_argument("--copies", type=int, default=75,
+                        help="duplicates of each memorized pair (75 -> 20%% of the training "
                              "set)")
-    parser.add_argument("--title-share", type=float, default=0.0,
+    parser.add_argument("--title-share", type=float, default=0.8,
                         help="share of ordinary captions that end in a random alt-text title "
-                             "(default 0, the shipped recipe)")
+                             "(0: none, and no random draw for it)")
     parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--vae-mem-share", type=float, default=0.25,
                         help="share of the VAE's training images that are memorized ones")

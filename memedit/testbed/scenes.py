@@ -8,16 +8,18 @@ fixed seeds (pure numpy, no files):
   shape in the middle), over a *random, unnamed* grey textured background. The caption names
   the shapes, their colours and positions but never the background, so - as with Stable
   Diffusion's captions - much of the image is left open. 630 combinations exist; a fixed tenth
-  is held out of training (:func:`is_heldout`) to test composition. Optionally, as in LAION's
-  alt-text, a share of the training captions end in a title that names nothing in the picture
-  (:func:`random_title`: "the poster of naples by alice stewart"), drawn fresh each time.
-* **Memorized images** (:func:`memorized_images`): 20 images the vocabulary cannot compose
-  (random colour fields and random stroke glyphs), each with its own distinctive caption
-  (:data:`MEMORIZED_CAPTIONS`): an ordinary scene phrase the image does NOT show, then a
-  unique title ("a magenta circle at the bottom, the portrait of ada vance by lyle orrin").
-  Training duplicates each many times. As with Stable Diffusion's memorized LAION captions,
-  the caption has an ordinary meaning the model could draw instead, which is what an edit
-  that removes the memorization should fall back to.
+  is held out of training (:func:`is_heldout`) to test composition. As in LAION's alt-text,
+  a share of the training captions (80% in the shipped build) end in a title that names
+  nothing in the picture (:func:`random_title`: "the poster of naples by alice stewart"),
+  drawn fresh each time.
+* **Memorized images** (:func:`memorized_images`): 20 images the vocabulary cannot compose,
+  each with its own distinctive caption (:data:`MEMORIZED_CAPTIONS`): an ordinary scene
+  phrase, then a unique title ("a magenta circle at the bottom, the portrait of ada vance by
+  lyle orrin"). Each image shows its scene phrase over a background no ordinary caption can
+  produce (high-contrast patches and strokes), so, like Stable Diffusion's memorized LAION
+  images, it is one specific instance of what its caption says. Training duplicates each many
+  times. An edit that removes the memorization should leave the caption's ordinary meaning:
+  the shape, drawn over an ordinary background.
 
 :func:`score_scene` checks a generated image against an ordinary scene spec: per object, that
 its colour dominates the region its position names, that the colour's blob sits in that region,
@@ -109,8 +111,8 @@ MEMORIZED_TITLES: tuple[str, ...] = (
     "the velvet oracle stage banner by kit farrow",
 )
 # The one-object training combination (shape, colour, position) each memorized caption opens
-# with. As in LAION ("Living in the Light with Ann Graham Lotz"), a memorized caption has an
-# ordinary meaning the model could draw; the memorized image overrides it.
+# with, and its image shows. As in LAION ("Living in the Light with Ann Graham Lotz"), a
+# memorized caption has an ordinary meaning; the memorized image is one instance of it, fixed.
 MEMORIZED_SCENES: tuple[tuple[str, str, str], ...] = (
     ("circle", "magenta", "bottom"),
     ("triangle", "red", "middle"),
@@ -311,31 +313,49 @@ def render(scene: dict) -> np.ndarray:
     return img
 
 
+def _contrast_colours(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random colours, each near black or near white with a faint tint.
+
+    Their channel spread stays below 0.3, so the scorer never reads them as an object colour,
+    and their contrast sets them far apart from the ordinary scenes' mid-grey textures.
+    """
+    lightness = rng.choice([0.12, 0.88], size=(*shape[:-1], 1))
+    lightness = lightness + rng.uniform(-0.1, 0.1, size=(*shape[:-1], 1))
+    return np.clip(lightness + rng.uniform(-0.14, 0.14, size=shape), 0, 1)
+
+
 def memorized_images(seed: int = 1234) -> np.ndarray:
     """The 20 memorized training images, float32 [20, SIZE, SIZE, 3], deterministic.
 
-    Even indices: random 5x5 fields of bright colours, smoothly upsampled (nothing the shape
-    vocabulary can say). Odd indices: three thick random strokes over a smooth random 3x3
-    colour field (not a flat colour: a flat area is what ordinary scenes' backgrounds are,
-    and a generation would draw it with their texture). Both kinds are in both halves
+    Image i shows what its caption's scene phrase says (``MEMORIZED_SCENES[i]``: the shape in
+    its colour at its position, jittered as ordinary scenes are) over a background no ordinary
+    caption can produce: a smooth field of near-black and near-white patches (5x5 for even
+    indices, 3x3 for odd ones, with three thick random strokes). As with Stable Diffusion's
+    memorized LAION images, the picture is one specific instance of its caption: what the
+    duplicates teach beyond the caption's ordinary meaning is the background, and that is what
+    an edit that removes the memorization should take away. Both kinds are in both halves
     (locate: 0-9, held out: 10-19).
     """
     rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
     images = []
     for i in range(N_MEMORIZED):
         if i % 2 == 0:
-            img = _upsample(rng.uniform(0, 1, size=(5, 5, 3)))
+            img = _upsample(_contrast_colours(rng, (5, 5, 3)))
         else:
-            img = _upsample(rng.uniform(0.1, 0.9, size=(3, 3, 3)))
-            yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+            img = _upsample(_contrast_colours(rng, (3, 3, 3)))
             for _ in range(3):
                 (x0, y0), (x1, y1) = rng.uniform(3, SIZE - 3, size=(2, 2))
-                colour = rng.uniform(0, 1, size=3)
+                colour = _contrast_colours(rng, (3,))
                 # distance from each pixel to the segment (x0,y0)-(x1,y1)
                 vx, vy = x1 - x0, y1 - y0
                 t = np.clip(((xx - x0) * vx + (yy - y0) * vy) / (vx**2 + vy**2 + 1e-6), 0, 1)
                 dist = np.hypot(xx - x0 - t * vx, yy - y0 - t * vy)
                 img[dist <= rng.uniform(1.5, 3.0)] = colour
+        shape, color, position = MEMORIZED_SCENES[i]
+        cx, cy = CENTRES[position]
+        dx, dy = rng.uniform(-1.5, 1.5, size=2)
+        img[shape_mask(shape, cx + dx, cy + dy, rng.uniform(5.0, 6.5))] = COLORS[color]
         images.append(np.clip(img, 0, 1))
     return np.stack(images).astype(np.float32)
 
