@@ -117,10 +117,10 @@ def test_memorized_images_show_their_scene_phrase_over_a_background_no_caption_m
     generation that draws the caption without the memorized background is no copy."""
     mem = scenes.memorized_images()
     rng = np.random.default_rng(0)
-    for image, (shape, color, position) in zip(mem, scenes.MEMORIZED_SCENES, strict=True):
-        spec = {"objects": [{"shape": shape, "color": color, "position": position}]}
+    for i, image in enumerate(mem):
+        spec = scenes.memorized_scene(i)
         assert scenes.score_scene(image, spec)["overall"], spec
-        renders = np.stack([scenes.render(scenes.make_scene(((shape, color, position),), rng))
+        renders = np.stack([scenes.render(scenes.make_scene((scenes.MEMORIZED_SCENES[i],), rng))
                             for _ in range(100)])
         assert ((renders - image) ** 2).mean(axis=(1, 2, 3)).min() > 3 * THRESHOLD
     distances = ((mem[:, None] - mem[None]) ** 2).mean(axis=(2, 3, 4))
@@ -200,10 +200,7 @@ def test_default_edit_removes_heldout_copies_where_a_random_mask_does_not(testbe
     prompts = [r.prompt for r in heldout for _ in range(2)]
     seeds = [100, 101] * len(heldout)
     truths = np.stack([load_image(r.images[0]) for r in heldout for _ in range(2)])
-    specs = []
-    for prompt in prompts:
-        shape, color, position = scenes.MEMORIZED_SCENES[scenes.MEMORIZED_CAPTIONS.index(prompt)]
-        specs.append({"objects": [{"shape": shape, "color": color, "position": position}]})
+    specs = [scenes.memorized_scene(scenes.MEMORIZED_CAPTIONS.index(p)) for p in prompts]
     rates, removed = {}, {}
     for name, masks in (("original", None), ("located", subspace.masks),
                         ("random", random_like(subspace.masks, seed=0))):

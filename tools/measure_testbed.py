@@ -162,11 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         names = [path.name for path in mem_paths]
         own = np.array([names.index(Path(r.images[0]).name) for r in heldout.records
                         for _ in seeds])
-        scene_specs = []
-        for text in heldout_texts:
-            shape, color, position = scenes.MEMORIZED_SCENES[scenes.MEMORIZED_CAPTIONS.index(text)]
-            scene_specs.append({"objects": [{"shape": shape, "color": color,
-                                             "position": position}]})
+        scene_specs = [scenes.memorized_scene(scenes.MEMORIZED_CAPTIONS.index(text))
+                       for text in heldout_texts]
         locate_half = read_prompts(args.testbed / "prompts" / "memorized_locate.jsonl")
         locate_config = LocateConfig(sampling=config)
         # Statistics do not depend on k (as in `memedit sweep`): record once, select per k.
@@ -198,8 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         print(name, figures[name], figures["cross_attention"][name], flush=True)
     # Each memorized caption's scene phrase without its title ("a magenta circle at the
     # bottom"): an ordinary prompt that shares the caption's words but not its trigger.
-    phrases = [scenes.caption({"objects": [{"shape": shape, "color": color, "position": position}]})
-               for shape, color, position in scenes.MEMORIZED_SCENES]
+    phrases = [scenes.caption(scenes.memorized_scene(i)) for i in range(scenes.N_MEMORIZED)]
     images = generate_images(pipe, [p for p in phrases for _ in seeds], seeds * len(phrases),
                              config)
     own_images = np.repeat(mem, len(seeds), axis=0)

@@ -171,10 +171,16 @@ def caption(scene: dict, prefix: str = "a") -> str:
     return " and ".join(parts)
 
 
+def memorized_scene(index: int) -> dict:
+    """The scene spec (for :func:`caption` and :func:`score_scene`) that memorized caption
+    ``index`` opens with and its image shows."""
+    shape, color, position = MEMORIZED_SCENES[index]
+    return {"objects": [{"shape": shape, "color": color, "position": position}]}
+
+
 # "a magenta circle at the bottom, the portrait of ada vance by lyle orrin"
 MEMORIZED_CAPTIONS: tuple[str, ...] = tuple(
-    caption({"objects": [{"shape": shape, "color": color, "position": position}]}) + ", " + title
-    for (shape, color, position), title in zip(MEMORIZED_SCENES, MEMORIZED_TITLES, strict=True)
+    caption(memorized_scene(i)) + ", " + title for i, title in enumerate(MEMORIZED_TITLES)
 )
 
 
