@@ -207,10 +207,9 @@ def test_default_edit_removes_heldout_copies_where_a_random_mask_does_not(testbe
         with masks_applied(testbed_pipe, masks):
             images = _generate(testbed_pipe, prompts, seeds)
         rates[name] = _copy_rate(images, truths)
-        errors = ((images - truths) ** 2).mean(axis=(1, 2, 3))
-        removed[name] = float(np.mean([scenes.score_scene(image, spec)["overall"] and e >= THRESHOLD
-                                       for image, spec, e in zip(images, specs, errors,
-                                                                 strict=True)]))
+        removed[name] = float(np.mean([scenes.draws_scene_not_copy(image, truth, spec, THRESHOLD)
+                                       for image, truth, spec in zip(images, truths, specs,
+                                                                     strict=True)]))
     assert rates["original"] >= 0.75, rates
     assert rates["located"] <= rates["original"] / 2, rates
     assert rates["located"] <= rates["random"] - 0.4, rates

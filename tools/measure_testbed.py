@@ -89,9 +89,9 @@ def edit_outcome(images: np.ndarray, own: np.ndarray, mem: np.ndarray,
             "nearest_is_own_image": float((distances.argmin(1) == own).mean()),
             "within_twice_threshold": float((err < 2 * THRESHOLD).mean()),
             "draws_scene_phrase": float(np.mean([score["overall"] for score in scores])),
-            # Removal as the paper means it: the caption still drawn, the training image gone.
             "draws_scene_phrase_not_a_copy": float(np.mean(
-                [s["overall"] and e >= THRESHOLD for s, e in zip(scores, err, strict=True)])),
+                [scenes.draws_scene_not_copy(image, mem[o], spec, THRESHOLD)
+                 for image, o, spec in zip(images, own, scene_specs, strict=True)])),
             "scene_colour_right": float(np.mean([score["color"] for score in scores]))}
 
 

@@ -417,3 +417,12 @@ def score_scene(image: np.ndarray, scene: dict) -> dict[str, bool]:
         ok["shape"] &= bool(shape_ok)
     ok["overall"] = ok["color"] and ok["shape"] and ok["position"]
     return ok
+
+
+def draws_scene_not_copy(image: np.ndarray, truth: np.ndarray, scene: dict,
+                         threshold: float) -> bool:
+    """Whether a memorized caption's generation is removal as the paper means it: it draws
+    ``scene`` (its caption's scene phrase, :func:`score_scene`) yet is no copy of its training
+    image ``truth`` (pixel MSE at least ``threshold``)."""
+    error = float(((np.asarray(image) - np.asarray(truth)) ** 2).mean())
+    return score_scene(image, scene)["overall"] and error >= threshold
