@@ -1,6 +1,7 @@
 """The embedded test model: it loads offline, its prompt files parse, its scene scorer is exact,
-its data generation is deterministic, and (slow) it reproduces its memorized images and the
-method's default edit removes them where a random mask of the same size does not."""
+its data generation is deterministic, and (slow) it reproduces its memorized images, draws
+scene combinations it never saw as their captions say far more often than chance, and the
+method's default edit removes the copies where a random mask of the same size does not."""
 
 from __future__ import annotations
 
@@ -179,6 +180,27 @@ def test_memorized_captions_reproduce_their_training_images(testbed_pipe):
     # ...and each copy is of its own image, not of another memorized one.
     distances = ((images[:, None] - truths[None]) ** 2).mean(axis=(2, 3, 4))
     assert (distances.argmin(axis=1) == np.arange(len(records))).all()
+
+
+@pytest.mark.slow
+def test_unseen_scene_combinations_are_drawn_as_their_captions_say(testbed_pipe):
+    """Generalization, on the 63 combinations held out of training (one seed, 20 steps):
+    the model draws what each caption says far more often than it happens to draw another
+    caption's scene (measured: colour right 0.40, all attributes 0.24; scored against another
+    caption's scene, colour 0.02-0.08 and all attributes 0-0.02). The model card reports the
+    50-step figure (0.21) and why it is lower than the earlier recipe's."""
+    records = read_prompts(prompt_file("ordinary_unseen")).records
+    images = _generate(testbed_pipe, [r.prompt for r in records], [100] * len(records))
+
+    def share(key: str, shift: int) -> float:
+        return float(np.mean([scenes.score_scene(image, records[(i + shift) % len(records)]
+                                                 .extra["scene"])[key]
+                              for i, image in enumerate(images)]))
+
+    chance_colour = max(share("color", shift) for shift in (1, 7, 20))
+    assert share("color", 0) >= 0.3 and share("color", 0) >= chance_colour + 0.25, (
+        share("color", 0), chance_colour)
+    assert share("overall", 0) >= 0.15 > max(share("overall", shift) for shift in (1, 7, 20))
 
 
 @pytest.mark.slow
