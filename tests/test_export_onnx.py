@@ -233,7 +233,14 @@ def test_ort_pipeline_reproduces_pytorch_image(sanitized_export, sanitized_model
     images = generate_images(ort_pipe, prompts, seeds, config)
     assert images.shape == reference.shape == (2, 32, 32, 3)
     assert np.abs(images - reference).max() < 1e-4
-    assert np.array_equal((images * 255).round(), (reference * 255).round())
+    # The saved 8-bit images agree: a float difference of ~1e-7 can still move a value that
+    # sits on a rounding boundary by one level (seen on one CPU and not another), so allow
+    # that, and only where the two floats straddle the boundary.
+    levels, reference_levels = (images * 255).round(), (reference * 255).round()
+    differs = levels != reference_levels
+    assert np.abs(levels - reference_levels).max() <= 1
+    assert differs.sum() <= 3, differs.sum()
+    assert (np.abs((reference * 255)[differs] % 1 - 0.5) < 255 * 1e-4).all()
 
 
 def test_generate_cli_writes_png(sanitized_export, tmp_path):
