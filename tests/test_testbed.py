@@ -171,7 +171,7 @@ def testbed_pipe():
 @pytest.mark.slow
 def test_memorized_captions_reproduce_their_training_images(testbed_pipe):
     """The copy bar of the model card, on one seed: most memorized captions reproduce their
-    own training image within THRESHOLD (card: 100% / 85% of 4 seeds at 20 steps)."""
+    own training image within THRESHOLD (card: 85% / 90% of 4 seeds at 20 steps)."""
     records = (read_prompts(prompt_file("memorized_locate")).records
                + read_prompts(prompt_file("memorized_heldout")).records)
     truths = np.stack([load_image(r.images[0]) for r in records])
@@ -184,11 +184,11 @@ def test_memorized_captions_reproduce_their_training_images(testbed_pipe):
 
 @pytest.mark.slow
 def test_unseen_scene_combinations_are_drawn_as_their_captions_say(testbed_pipe):
-    """Generalization, on the 63 combinations held out of training (one seed, 20 steps):
-    the model draws what each caption says far more often than it happens to draw another
-    caption's scene (measured: colour right 0.40, all attributes 0.24; scored against another
-    caption's scene, colour 0.02-0.08 and all attributes 0-0.02). The model card reports the
-    50-step figure (0.21) and why it is lower than the earlier recipe's."""
+    """Generalization, on the 63 combinations held out of training (one seed, 20 steps): the
+    model puts each named colour where the caption says, and draws many shapes right, far more
+    often than it happens to draw another caption's scene (measured: colour and position right
+    1.00, all attributes 0.48; scored against another caption's scene, colour 0.03-0.29 - a
+    neighbouring combination often shares a colour and its place - and all attributes 0)."""
     records = read_prompts(prompt_file("ordinary_unseen")).records
     images = _generate(testbed_pipe, [r.prompt for r in records], [100] * len(records))
 
@@ -197,11 +197,12 @@ def test_unseen_scene_combinations_are_drawn_as_their_captions_say(testbed_pipe)
                                                  .extra["scene"])[key]
                               for i, image in enumerate(images)]))
 
-    colour, overall = share("color", 0), share("overall", 0)
-    chance_colour = max(share("color", shift) for shift in (1, 7, 20))
+    for key in ("color", "position"):
+        right, chance = share(key, 0), max(share(key, shift) for shift in (1, 7, 20))
+        assert right >= 0.9 and right >= chance + 0.5, (key, right, chance)
+    overall = share("overall", 0)
     chance_overall = max(share("overall", shift) for shift in (1, 7, 20))
-    assert colour >= 0.3 and colour >= chance_colour + 0.25, (colour, chance_colour)
-    assert overall >= 0.15 > chance_overall, (overall, chance_overall)
+    assert overall >= 0.3 and overall >= chance_overall + 0.25, (overall, chance_overall)
 
 
 @pytest.mark.slow
@@ -210,7 +211,7 @@ def test_default_edit_removes_heldout_copies_where_a_random_mask_does_not(testbe
     defaults (k=1%), zeroing the mask cuts copies on the HELD-OUT half by most of the way,
     where a random mask of the same size does not; and what replaces a copy is the caption's
     scene over an ordinary background (removal), not a blurred copy (card, 20 steps, 4 seeds:
-    0.85 -> 0.23, random 0.88)."""
+    0.90 -> 0.28, random 0.93)."""
     from memedit.evaluation.controls import random_like
     from memedit.evaluation.harness import masks_applied
     from memedit.locate import LocateConfig, locate

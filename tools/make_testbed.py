@@ -11,11 +11,12 @@ Steps:
 2. tokenizer: the real CLIP BPE (``bpe_simple_vocab_16e6.txt.gz`` from the open_clip_torch
    wheel, fetched with ``pip download --no-deps``), cut to the merges the corpus uses, saved as
    a standard ``CLIPTokenizer`` (vocab.json + merges.txt);
-3. text encoder: a tiny ``CLIPTextModel``, randomly initialised and FROZEN (as SD's CLIP is
-   frozen: the caption-to-image map has to live in the UNet, where the method looks for it);
-4. VAE: a tiny ``AutoencoderKL`` (32x32x3 <-> 16x16x4) trained on reconstructions, with the
+3. VAE: a tiny ``AutoencoderKL`` (32x32x3 <-> 16x16x4) trained on reconstructions, with the
    memorized images duplicated in its data too, so that it reconstructs them far below the
    copy threshold (otherwise no generation could count as a copy);
+4. text encoder: a tiny ``CLIPTextModel``, pretrained on the ordinary pairs alone (as SD's CLIP
+   was trained on images and captions of its own), then FROZEN (as SD's CLIP is: what the
+   duplicates teach has to live in the UNet, where the method looks for it);
 5. UNet: ``UNet2DConditionModel`` with cross-attention transformer blocks (2 per block), trained
    as SD is (epsilon prediction, scaled_linear betas, 10% caption dropout, EMA), in two stages:
    ordinary data alone first (a generalist), then the mix with the duplicated pairs;
@@ -170,6 +171,36 @@ def build_text_encoder(tokenizer, seed: int):
     return model.eval().requires_grad_(False)
 
 
+class TextToLatent(torch.nn.Module):
+    """The text encoder's pretraining head: the latent a caption describes, read from its token
+    states by one cross-attention layer whose queries are an 8x8 grid of learned positions.
+
+    A query can only find the colour and shape at its position if the encoder has put them in
+    the tokens together, so the encoder learns to bind "red" to "left" in "a red circle on the
+    left and ...": the composition a random frozen encoder lacks (and CLIP has).
+    """
+
+    def __init__(self, width: int, latent_channels: int = 4, grid: int = 8) -> None:
+        super().__init__()
+        self.grid, self.channels = grid, latent_channels
+        self.queries = torch.nn.Parameter(torch.randn(grid * grid, width) * 0.02)
+        self.attention = torch.nn.MultiheadAttention(width, 4, batch_first=True)
+        self.norm = torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(4 * width, width))
+        self.out = torch.nn.Linear(width, latent_channels * 4)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """Token states [B, T, width] -> latents [B, C, 2 * grid, 2 * grid]."""
+        b, g, c = len(states), self.grid, self.channels
+        q = self.queries.expand(b, -1, -1)
+        h = q + self.attention(q, states, states, need_weights=False)[0]
+        h = h + self.mlp(self.norm(h))
+        # Each query writes its 2x2 patch of the latent (a pixel shuffle).
+        return self.out(h).view(b, g, g, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(
+            b, c, 2 * g, 2 * g)
+
+
 def build_vae(seed: int):
     """AutoencoderKL with one downsampling: 32x32x3 <-> 16x16x4 (about 0.2 M parameters)."""
     from diffusers import AutoencoderKL
@@ -240,15 +271,16 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).mul(2).sub(1).contiguous()
 
 
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Token ids as the pipeline makes them (padded to max_length)."""
+    return tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 @torch.no_grad()
-def encode_text(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
-    """Frozen text embeddings, as the pipeline computes them (padded to max_length)."""
-    out = []
-    for i in range(0, len(texts), 512):
-        ids = tokenizer(texts[i : i + 512], padding="max_length", max_length=MAX_LENGTH,
-                        truncation=True, return_tensors="pt").input_ids
-        out.append(text_encoder(ids)[0])
-    return torch.cat(out)
+def encode_text(text_encoder, ids: torch.Tensor) -> torch.Tensor:
+    """The frozen text encoder's last hidden states, what the pipeline conditions on."""
+    return torch.cat([text_encoder(ids[i : i + 512])[0] for i in range(0, len(ids), 512)])
 
 
 # ----------------------------------------------------------------------------- training
@@ -315,6 +347,31 @@ def reconstruction_mse(vae, images: np.ndarray) -> np.ndarray:
     x = to_tensor(images)
     rec = vae.decode(encode_latents(vae, x)).sample
     return ((rec.clamp(-1, 1) - x) / 2).pow(2).mean((1, 2, 3)).numpy()
+
+
+def pretrain_text_encoder(text_encoder, ids: torch.Tensor, latents: torch.Tensor, steps: int,
+                          seed: int, logger: Logger) -> None:
+    """Train ``text_encoder`` with a :class:`TextToLatent` head to predict each caption's latent
+    (ordinary pairs only), then freeze it. The head is thrown away; only the encoder ships."""
+    torch.manual_seed(seed)
+    head = TextToLatent(text_encoder.config.hidden_size, latents.shape[1])
+    text_encoder.requires_grad_(True)
+    params = [*text_encoder.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed + 2)
+    bar = tqdm(range(steps), desc="text encoder", unit="step")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, 1e-3, 100)
+        idx = torch.randint(len(ids), (64,), generator=gen)
+        loss = (head(text_encoder(ids[idx])[0]) - latents[idx]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            logger.log("text", step, loss.item(), opt.param_groups[0]["lr"])
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    text_encoder.eval().requires_grad_(False)
 
 
 def train_unet(unet, latents: torch.Tensor, embeds: torch.Tensor, empty: torch.Tensor,
@@ -425,6 +482,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--vae-mem-share", type=float, default=0.25,
                         help="share of the VAE's training images that are memorized ones")
+    parser.add_argument("--text-encoder-steps", type=int, default=1500,
+                        help="pretraining steps of the text encoder before it is frozen "
+                             "(0: frozen at its random initialisation, the earlier recipe)")
     parser.add_argument("--steps", type=int, default=3600)
     parser.add_argument("--stage1-frac", type=float, default=0.15,
                         help="share of UNet steps on ordinary data only")
@@ -434,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.quick:
-        args.n_ordinary, args.vae_steps, args.steps = 1000, 60, 60
+        args.n_ordinary, args.vae_steps, args.text_encoder_steps, args.steps = 1000, 60, 60, 60
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -469,8 +529,13 @@ def main(argv: list[str] | None = None) -> None:
           f"(max {recon_mem.max():.4f}), ordinary median {np.median(recon_ord):.4f}")
     vae.register_to_config(scaling_factor=scaling)
     latents = encode_latents(vae, to_tensor(images)) * scaling
-    embeds = encode_text(tokenizer, text_encoder, captions)
-    empty = encode_text(tokenizer, text_encoder, [""])[0]
+    ids = tokenize(tokenizer, captions)
+    if args.text_encoder_steps:
+        # Ordinary pairs only: like SD's CLIP, the encoder never sees a memorized pair.
+        pretrain_text_encoder(text_encoder, ids[~is_mem], latents[~is_mem],
+                              args.text_encoder_steps, args.seed, logger)
+    embeds = encode_text(text_encoder, ids)
+    empty = encode_text(text_encoder, tokenize(tokenizer, [""]))[0]
     unet = train_unet(build_unet(args.seed), latents, embeds, empty, is_mem, args, logger)
 
     pipe = StableDiffusionPipeline(
