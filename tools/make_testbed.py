@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -309,27 +310,38 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_vae(vae, images: np.ndarray, steps: int, seed: int, logger: Logger) -> float:
-    """Reconstruction training (L1 + L2, tiny KL); returns SD's latent scaling factor."""
-    gen = torch.Generator().manual_seed(seed)
-    data = to_tensor(images)
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    vae.train()
-    bar = tqdm(range(steps), desc="vae", unit="step")
+def fit(name: str, params: list[torch.nn.Parameter], batch_loss: Callable[[], torch.Tensor],
+        steps: int, peak_lr: float, warmup: int, weight_decay: float, logger: Logger) -> None:
+    """AdamW on ``batch_loss()`` (a fresh batch each call) under :func:`lr_at`'s schedule,
+    with a progress bar and a log row every 10 steps, both named ``name``."""
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=weight_decay)
+    bar = tqdm(range(steps), desc=name, unit="step")
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 2e-3, 50)
-        x = data[torch.randint(len(data), (32,), generator=gen)]
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        rec = vae.decode(z).sample
-        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
+            group["lr"] = lr_at(step, steps, peak_lr, warmup)
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 10 == 0 or step == steps - 1:
-            logger.log("vae", step, loss.item(), opt.param_groups[0]["lr"])
+            logger.log(name, step, loss.item(), opt.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+def train_vae(vae, images: np.ndarray, steps: int, seed: int, logger: Logger) -> float:
+    """Reconstruction training (L1 + L2, tiny KL); returns SD's latent scaling factor."""
+    gen = torch.Generator().manual_seed(seed)
+    data = to_tensor(images)
+
+    def batch_loss() -> torch.Tensor:
+        x = data[torch.randint(len(data), (32,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        return (rec - x).abs().mean() + (rec - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
+
+    vae.train()
+    fit("vae", list(vae.parameters()), batch_loss, steps, 2e-3, 50, 0.0, logger)
     vae.eval()
     return float(1.0 / encode_latents(vae, data).std())
 
@@ -355,22 +367,15 @@ def pretrain_text_encoder(text_encoder, ids: torch.Tensor, latents: torch.Tensor
     (ordinary pairs only), then freeze it. The head is thrown away; only the encoder ships."""
     torch.manual_seed(seed)
     head = TextToLatent(text_encoder.config.hidden_size, latents.shape[1])
-    text_encoder.requires_grad_(True)
-    params = [*text_encoder.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed + 2)
-    bar = tqdm(range(steps), desc="text encoder", unit="step")
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 1e-3, 100)
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(len(ids), (64,), generator=gen)
-        loss = (head(text_encoder(ids[idx])[0]) - latents[idx]).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 10 == 0 or step == steps - 1:
-            logger.log("text", step, loss.item(), opt.param_groups[0]["lr"])
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        return (head(text_encoder(ids[idx])[0]) - latents[idx]).pow(2).mean()
+
+    text_encoder.requires_grad_(True)
+    fit("text", [*text_encoder.parameters(), *head.parameters()], batch_loss, steps, 1e-3, 100,
+        0.01, logger)
     text_encoder.eval().requires_grad_(False)
 
 
