@@ -159,7 +159,7 @@ def build_tokenizer(bpe_gz: bytes, texts: list[str], folder: Path):
 
 
 def build_text_encoder(tokenizer, seed: int):
-    """A tiny CLIP text encoder, randomly initialised and then frozen."""
+    """A tiny CLIP text encoder, randomly initialised and frozen (see pretrain_text_encoder)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
