@@ -180,11 +180,11 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
     report). Raises :class:`VerificationFailed` (nothing written) when a check fails.
     """
     from memedit.loading import load_pipeline, resolve_model
-    from memedit.outputs import atomic_output_dir, check_output_dir
+    from memedit.outputs import atomic_output_dir, check_output
 
     options = options or ExportOptions()
     source = resolve_model(model, allow_pickle)
-    check_output_dir(Path(out), overwrite, source.path)  # fail before the slow part
+    check_output(out, overwrite, [source.path, subspace])  # fail before the slow part
     explicit = load_subspace(subspace) if subspace is not None else None
     if subspace is not None and explicit is None:
         raise MemeditError(f"{subspace} holds no memedit subspace.",
@@ -196,7 +196,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
     from memedit.export.onnx import export_device
 
     pipe, _ = load_pipeline(source.path, export_device(options), dtype, allow_pickle)
-    with atomic_output_dir(Path(out), overwrite, source.path) as tmp:
+    with atomic_output_dir(out, overwrite, [source.path, subspace], "onnx-export") as tmp:
         info = export_pipeline(pipe, tmp, options)
         if carried is not None:
             carried.write_into(tmp / PROVENANCE_DIR)  # so that verify-onnx can audit later

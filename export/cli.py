@@ -15,8 +15,6 @@ from pathlib import Path
 
 import click
 
-from memedit.errors import MemeditError
-
 
 def _threshold_options(command):
     """Parity thresholds and inputs shared by export and verify-onnx."""
@@ -132,7 +130,7 @@ def verify_onnx_command(onnx_dir, model, subspace, provider, allow_pickle, as_js
               show_default=True, help="PNG path; with several prompts/seeds, NAME-N.png.")
 @click.option("--overwrite", is_flag=True, help="Replace existing images.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--num-images", type=int, default=1, show_default=True,
+@click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images per prompt (seeds seed, seed+1, ...).")
 @click.option("--steps", type=int, default=25, show_default=True)
 @click.option("--guidance-scale", type=float, default=7.5, show_default=True)
@@ -146,7 +144,7 @@ def generate_command(prompts, onnx_dir, model, out, overwrite, seed, num_images,
     """Generate images for PROMPTS with an ONNX export (--onnx) or a PyTorch model."""
     from PIL import Image
 
-    from memedit.outputs import atomic_write_bytes
+    from memedit.outputs import atomic_write_bytes, check_output
     from memedit.sampling import SamplingConfig, generate_images
 
     config = SamplingConfig(steps=steps, guidance_scale=guidance_scale, seed=seed,
@@ -156,9 +154,9 @@ def generate_command(prompts, onnx_dir, model, out, overwrite, seed, num_images,
     paths = ([out] if len(all_prompts) == 1 else
              [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
               for i in range(len(all_prompts))])
+    read = [onnx_dir, model]
     for path in paths:  # refuse before the slow part
-        if path.exists() and not overwrite:
-            raise MemeditError(f"{path} exists already.", "Pass --overwrite to replace it.")
+        check_output(path, overwrite, read, kind="file")
     if onnx_dir is not None:
         from memedit.export.runtime import load_ort_pipeline
 
@@ -173,5 +171,5 @@ def generate_command(prompts, onnx_dir, model, out, overwrite, seed, num_images,
     for path, image, prompt, image_seed in zip(paths, images, all_prompts, seeds, strict=True):
         buffer = io.BytesIO()
         Image.fromarray((image * 255).round().clip(0, 255).astype("uint8")).save(buffer, "PNG")
-        atomic_write_bytes(path, buffer.getvalue(), overwrite)
+        atomic_write_bytes(path, buffer.getvalue(), overwrite, read)
         click.echo(f"{path}  seed {image_seed}  {prompt!r}")

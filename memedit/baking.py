@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from memedit.errors import MemeditError
 from memedit.loading import ModelSource, resolve_model
-from memedit.outputs import atomic_output_dir
+from memedit.outputs import Inputs, atomic_output_dir, check_output, input_paths
 from memedit.subspace import Subspace
 from memedit.weights import read_tensors, rewrite_component, split_key, tensor_sha256
 
@@ -94,9 +94,20 @@ def _copy_tree(source: Path, target: Path, progress: bool) -> None:
 
 
 def bake(model: str | os.PathLike | None, subspace: Subspace, out: str | os.PathLike,
-         overwrite: bool = False, allow_pickle: bool = False, progress: bool = True) -> BakeResult:
-    """Write ``model`` with ``subspace`` zeroed to the new pipeline folder ``out``."""
+         overwrite: bool = False, allow_pickle: bool = False, progress: bool = True,
+         inputs: Inputs = None) -> BakeResult:
+    """Write ``model`` with ``subspace`` zeroed to the new pipeline folder ``out``.
+
+    ``inputs`` are further paths the output must not touch (the subspace's folder, prompt
+    files); the source model is always one.
+    """
     source = resolve_model(model, allow_pickle)
+    protected = [source.path, *input_paths(inputs)]
+    check_output(out, overwrite, protected)  # before reading any weights
+    if not subspace.num_selected:
+        raise MemeditError("The subspace selects no weight: baking it would write an unedited "
+                           "copy of the model.",
+                           "Locate again with a larger --k, or check the memorized prompts.")
     already = check_model_matches(source, subspace, allow_pickle)
     by_component: dict[str, dict] = {}
     for key, mask in subspace.masks.items():
@@ -104,7 +115,7 @@ def bake(model: str | os.PathLike | None, subspace: Subspace, out: str | os.Path
         by_component.setdefault(component, {})[name] = mask
     from memedit import __version__
 
-    with atomic_output_dir(Path(out), overwrite, source=source.path) as tmp:
+    with atomic_output_dir(out, overwrite, protected, "sanitized-model") as tmp:
         _copy_tree(source.path, tmp, progress)
         written = []
         for component, masks in by_component.items():

@@ -6,9 +6,15 @@ progress bars and messages go to stderr). User errors exit with status 2 and a h
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
+import os
 import sys
+import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -16,19 +22,93 @@ from tabulate import tabulate
 
 from memedit.errors import MemeditError
 
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by SIGINT
+# Libraries whose log lines concern their developers, not a memedit user (import notes such as
+# "Multiple distributions found for package optimum", exporter chatter, tokenizer truncation).
+THIRD_PARTY_LOGGERS = ("diffusers", "transformers", "optimum", "torch", "onnxruntime",
+                       "huggingface_hub", "accelerate")
+
 
 class UserError(click.ClickException):
-    exit_code = 2
+    exit_code = EXIT_USER_ERROR
+
+
+def configure_console(verbose: bool) -> None:
+    """memedit's own notices always reach stderr; third-party warnings only with --verbose."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("memedit: %(message)s"))
+    memedit_log = logging.getLogger("memedit")
+    memedit_log.handlers[:] = [handler]
+    memedit_log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    memedit_log.propagate = False
+    level = logging.WARNING if verbose else logging.ERROR
+    # diffusers and transformers read these when first imported (the commands import them
+    # lazily) and configure their loggers from them; set both ways for an already loaded one.
+    for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ[name] = "warning" if verbose else "error"
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    for module, setter in (("diffusers.utils.logging", "set_verbosity"),
+                           ("transformers.utils.logging", "set_verbosity")):
+        if module in sys.modules:
+            getattr(sys.modules[module], setter)(level)
+    if "onnxruntime" in sys.modules:
+        sys.modules["onnxruntime"].set_default_logger_severity(2 if verbose else 3)
+    # Tracer, deprecation and future warnings are about the libraries' own code paths.
+    warnings.simplefilter("default" if verbose else "ignore")
+
+
+def _verbose_option(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.ensure_object(dict)["verbose"] = True
+        configure_console(True)
+    return value
+
+
+def verbose_option() -> click.Option:
+    return click.Option(["--verbose", "-v"], is_flag=True, expose_value=False, is_eager=True,
+                        callback=_verbose_option,
+                        help="Show third-party warnings and a traceback for internal errors.")
 
 
 class MemeditGroup(click.Group):
-    """Turns MemeditError into a clean message (no traceback) with exit status 2."""
+    """One place for what every command shares: --verbose, quiet third-party output, and
+    errors as messages. A user error (MemeditError, an unreadable or full disk) exits 2 with
+    a hint and no traceback; Ctrl-C exits 130 after the partial output was removed; an
+    internal error names itself and shows its traceback only with --verbose."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not any(p.name == "verbose" for p in cmd.params):
+            cmd.params.append(verbose_option())
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context):
+        # The group's --verbose was parsed already; a command's own --verbose is parsed
+        # inside super().invoke and reconfigures then. Both write into this shared obj.
+        settings = ctx.ensure_object(dict)
+        configure_console(bool(settings.get("verbose")))
         try:
             return super().invoke(ctx)
         except MemeditError as err:
             raise UserError(str(err)) from None
+        except KeyboardInterrupt:
+            click.echo("memedit: interrupted; nothing was written (partial output removed).",
+                       err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        except OSError as err:
+            where = f" ({err.filename})" if err.filename else ""
+            raise UserError(f"{err.strerror or err}{where}.\nHint: check the path, its "
+                            "permissions and the free space; nothing was written.") from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as err:
+            if settings.get("verbose"):
+                traceback.print_exc()
+            click.echo(f"memedit: internal error: {type(err).__name__}: {err}", err=True)
+            click.echo("This is a bug in memedit, not in your input. Run again with --verbose "
+                       "for the traceback, and report it.", err=True)
+            raise click.exceptions.Exit(1) from None
 
 
 def emit(data: dict, as_json: bool, render) -> None:
@@ -79,6 +159,8 @@ def method_options(func):
                   help="Keep weights flagged in more than rho*tau calls (0: union).")
     @click.option("--granularity", type=click.Choice(["weight", "neuron"]), default="weight",
                   show_default=True, help="Single weights, or whole input columns (neurons).")
+    @click.option("--allow-empty", is_flag=True,
+                  help="Write the subspace even if it selects no weight (otherwise an error).")
     @sampling_options
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -107,6 +189,9 @@ def sampling_options(func):
 
 @click.group(cls=MemeditGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="memedit")
+@click.option("--verbose", "-v", is_flag=True, expose_value=False, is_eager=True,
+              callback=_verbose_option,
+              help="Show third-party warnings and a traceback for internal errors.")
 def cli() -> None:
     """Locate the weights a diffusion model uses to reproduce its training images, and delete
     them (Chavhan et al. 2024). Start with `memedit locate-and-bake --out sanitized`."""
@@ -116,6 +201,7 @@ def _locate(opts: dict):
     """Shared by `locate` and `locate-and-bake`: returns (subspace, source)."""
     from memedit.loading import load_pipeline
     from memedit.locate import LocateConfig, record_statistics, select_subspace
+    from memedit.outputs import atomic_output_dir
     from memedit.prompts import empty_reference, read_prompts
     from memedit.sampling import SamplingConfig
     from memedit.statistics import ActivationStats, merge_stats
@@ -152,10 +238,36 @@ def _locate(opts: dict):
     stats_ref = (merge_stats([ActivationStats.load(p) for p in opts["reference_stats"]])
                  if opts["reference_stats"] else record_statistics(pipe, reference, config, source))
     if opts["save_stats"]:
-        folder = opts["save_stats"]
-        stats_mem.save(folder / "memorized.stats.safetensors", overwrite=opts["overwrite"])
-        stats_ref.save(folder / "reference.stats.safetensors", overwrite=opts["overwrite"])
-    return select_subspace(pipe, stats_mem, stats_ref, config, source), source
+        # Saved before selecting: statistics are the expensive part, and they stay useful
+        # (to merge, or to select with other k) even if the selection is refused.
+        with atomic_output_dir(opts["save_stats"], opts["overwrite"], _inputs(opts),
+                               "statistics") as folder:
+            stats_mem.save(folder / "memorized.stats.safetensors")
+            stats_ref.save(folder / "reference.stats.safetensors")
+    return select_subspace(pipe, stats_mem, stats_ref, config, source,
+                           allow_empty=opts["allow_empty"]), source
+
+
+def _inputs(opts: dict) -> list[Path]:
+    """Every path a locate reads: no output may be, hold or lie inside one of them."""
+    from memedit.loading import resolve_model
+
+    return [resolve_model(opts["model"], opts["allow_pickle"]).path, opts["memorized"],
+            opts["reference"], *opts["memorized_stats"], *opts["reference_stats"]]
+
+
+@contextlib.contextmanager
+def _held_outputs(out: Path, opts: dict) -> Iterator[list[Path]]:
+    """Check and lock ``--out`` and ``--save-stats`` before minutes of sampling, not after."""
+    from memedit.outputs import hold_output
+
+    inputs = _inputs(opts)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(hold_output(out, opts["overwrite"], inputs))
+        if opts["save_stats"]:
+            stack.enter_context(hold_output(opts["save_stats"], opts["overwrite"],
+                                            [*inputs, out]))
+        yield inputs
 
 
 def _subspace_summary(subspace) -> dict:
@@ -187,11 +299,9 @@ def _render_subspace(summary: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def locate_command(out: Path, as_json: bool, **opts) -> None:
     """Find the memorization subspace and save it (apply it later with `memedit bake`)."""
-    from memedit.outputs import check_output_dir
-
-    check_output_dir(out, opts["overwrite"])
-    subspace, _ = _locate(opts)
-    subspace.save(out, overwrite=opts["overwrite"])
+    with _held_outputs(out, opts):
+        subspace, _ = _locate(opts)
+        subspace.save(out, overwrite=opts["overwrite"])
     summary = _subspace_summary(subspace) | {"subspace": str(out)}
     emit(summary, as_json, lambda s: _render_subspace(s) + f"\nsubspace written to {out}")
 
@@ -206,15 +316,11 @@ def locate_command(out: Path, as_json: bool, **opts) -> None:
 def locate_and_bake_command(out: Path, as_json: bool, **opts) -> None:
     """Locate the subspace and write the model with it zeroed, in one go."""
     from memedit.baking import bake
-    from memedit.loading import resolve_model
-    from memedit.outputs import check_output_dir
 
-    # Fail on a bad output before minutes of sampling, not after.
-    check_output_dir(out, opts["overwrite"],
-                     resolve_model(opts["model"], opts["allow_pickle"]).path)
-    subspace, source = _locate(opts)
-    result = bake(source.spec if opts["model"] else None, subspace, out, opts["overwrite"],
-                  opts["allow_pickle"])
+    with _held_outputs(out, opts) as inputs:
+        subspace, source = _locate(opts)
+        result = bake(source.spec if opts["model"] else None, subspace, out, opts["overwrite"],
+                      opts["allow_pickle"], inputs=inputs)
     summary = _subspace_summary(subspace) | {"sanitized_model": str(result.path),
                                              "edited_files": result.files}
     emit(summary, as_json,
@@ -236,7 +342,8 @@ def bake_command(model: str | None, subspace: Path, out: Path, overwrite: bool,
     from memedit.baking import bake
     from memedit.subspace import Subspace
 
-    result = bake(model, Subspace.load(subspace), out, overwrite, allow_pickle)
+    result = bake(model, Subspace.load(subspace), out, overwrite, allow_pickle,
+                  inputs=[subspace])
     data = {"sanitized_model": str(result.path), "source": result.source,
             "zeroed": result.zeroed, "edited_files": result.files,
             "already_sanitized": result.already_sanitized}
@@ -314,10 +421,12 @@ def compare_command(first: Path, second: Path, as_json: bool) -> None:
 def merge_stats_command(files: tuple[Path, ...], out: Path, overwrite: bool,
                         as_json: bool) -> None:
     """Merge statistics saved by `locate --save-stats` (runs over other prompts or machines)."""
+    from memedit.outputs import check_output
     from memedit.statistics import ActivationStats, merge_stats
 
+    check_output(out, overwrite, files, kind="file")
     merged = merge_stats([ActivationStats.load(p) for p in files])
-    merged.save(out, overwrite=overwrite)
+    merged.save(out, overwrite=overwrite, inputs=files)
     data = {"merged": str(out), "files": [str(p) for p in files],
             "num_prompts": merged.num_prompts, "prompt_sets": merged.prompt_sets}
     emit(data, as_json, lambda d: f"{len(files)} files, {d['num_prompts']} prompts -> {out}")

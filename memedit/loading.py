@@ -32,8 +32,18 @@ class ModelSource:
     @property
     def components(self) -> dict[str, list]:
         """The ``model_index.json`` entries that name a (library, class) component."""
-        index = json.loads((self.path / "model_index.json").read_text())
-        return {k: v for k, v in index.items() if isinstance(v, list) and v[0] is not None}
+        path = self.path / "model_index.json"
+        try:
+            index = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise MemeditError(f"{path} is not valid JSON ({err}).",
+                               "Restore the file from the model's original copy (diffusers "
+                               "writes it with save_pretrained).") from None
+        if not isinstance(index, dict):
+            raise MemeditError(f"{path} holds a JSON {type(index).__name__}, not an object.",
+                               "Restore the file from the model's original copy.")
+        return {k: v for k, v in index.items()
+                if isinstance(v, list) and len(v) == 2 and v[0] is not None}
 
 
 def default_model_path() -> Path:
@@ -158,7 +168,11 @@ def choose_device_dtype(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MemeditError("--device cuda was asked for, but torch sees no CUDA GPU.",
                            "Use --device cpu, or install a CUDA build of torch.")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise MemeditError(f"Unknown device {device!r}.",
+                           "Use auto, cpu, cuda or cuda:N (as torch names devices).") from None
     if dtype in (None, "auto"):
         return resolved, torch.float16 if resolved.type == "cuda" else torch.float32
     if dtype not in DTYPES:

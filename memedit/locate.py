@@ -49,9 +49,6 @@ class LocateConfig:
         if self.granularity not in GRANULARITIES:
             raise MemeditError(f"Unknown granularity {self.granularity!r}.",
                                f"Use one of {', '.join(GRANULARITIES)}.")
-        if self.sampling.batch_size < 1 or self.sampling.steps < 1:
-            raise MemeditError("--batch-size and --steps must be at least 1.",
-                               "Pass positive numbers.")
 
 
 def unet_calls_per_image(pipe, steps: int) -> int:
@@ -137,8 +134,13 @@ def record_statistics(pipe, prompts: PromptSet, config: LocateConfig,
 
 
 def select_subspace(pipe, memorized: ActivationStats, reference: ActivationStats,
-                    config: LocateConfig, source: ModelSource | None = None) -> Subspace:
-    """Turn the two sets' statistics into masks (method steps 4-6) and a manifest."""
+                    config: LocateConfig, source: ModelSource | None = None,
+                    allow_empty: bool = False) -> Subspace:
+    """Turn the two sets' statistics into masks (method steps 4-6) and a manifest.
+
+    A selection of no weight at all is an error unless ``allow_empty``: baked, it would be
+    an unedited model that calls itself sanitized.
+    """
     config.validate()
     if memorized.settings != reference.settings:
         raise MemeditError(
@@ -162,6 +164,13 @@ def select_subspace(pipe, memorized: ActivationStats, reference: ActivationStats
         masks[layer.key] = select_layer(module.weight.detach().cpu(), norms_mem[layer.key],
                                         norms_ref[layer.key], config.k, config.tau, config.rho,
                                         config.granularity).cpu()
+    if not allow_empty and not any(mask.any() for mask in masks.values()):
+        raise MemeditError(
+            f"No weight was selected: in none of the {len(masks)} target layers did the "
+            f"memorized prompts ({memorized.num_prompts}) lean on a weight more than the "
+            "reference prompts do.",
+            "Check that the prompts are memorized (`memedit detect`), raise --k or --tau, or "
+            "pass --allow-empty to write the empty subspace anyway.")
     return Subspace(masks, build_manifest(pipe, source, masks, config, memorized, reference))
 
 
@@ -209,7 +218,7 @@ def build_manifest(pipe, source: ModelSource | None, masks: dict[str, torch.Tens
 
 def locate(pipe, memorized: PromptSet, reference: PromptSet | None = None,
            config: LocateConfig | None = None, source: ModelSource | None = None,
-           progress: bool = True) -> Subspace:
+           progress: bool = True, allow_empty: bool = False) -> Subspace:
     """Find the memorization subspace of ``pipe``.
 
     ``reference`` defaults to the empty prompt (the authors' default). Since every prompt uses
@@ -220,4 +229,4 @@ def locate(pipe, memorized: PromptSet, reference: PromptSet | None = None,
     reference = reference if reference is not None else empty_reference(1)
     stats_mem = record_statistics(pipe, memorized, config, source, progress)
     stats_ref = record_statistics(pipe, reference, config, source, progress)
-    return select_subspace(pipe, stats_mem, stats_ref, config, source)
+    return select_subspace(pipe, stats_mem, stats_ref, config, source, allow_empty)

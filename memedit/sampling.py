@@ -6,11 +6,17 @@ on the batch it was drawn in: locating, evaluating and exporting all see the sam
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from memedit.errors import MemeditError
+
+# Every Stable Diffusion family's pipeline refuses image sizes that are not multiples of 8.
+SIZE_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,24 @@ class SamplingConfig:
     batch_size: int = 8
     height: int | None = None
     width: int | None = None
+
+    def __post_init__(self) -> None:
+        # Checked where the config is made, so a bad value fails before any model loads.
+        if self.steps < 1:
+            raise MemeditError(f"--steps must be at least 1, got {self.steps}.",
+                               "Stable Diffusion uses 25-50 denoising steps.")
+        if self.batch_size < 1:
+            raise MemeditError(f"--batch-size must be at least 1, got {self.batch_size}.",
+                               "Pass how many prompts one pipeline call draws, e.g. 8.")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise MemeditError(f"--guidance-scale must be a finite number >= 0, got "
+                               f"{self.guidance_scale}.", "Stable Diffusion's default is 7.5.")
+        for name, value in (("height", self.height), ("width", self.width)):
+            if value is not None and (value < SIZE_MULTIPLE or value % SIZE_MULTIPLE):
+                raise MemeditError(
+                    f"--{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value}.",
+                    f"Stable Diffusion's VAE works on multiples of {SIZE_MULTIPLE}: try "
+                    f"{max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)}.")
 
 
 def batches(items: Sequence, size: int) -> Iterator[list]:

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from memedit.errors import MemeditError
-from memedit.outputs import atomic_write_bytes
+from memedit.outputs import Inputs, atomic_write_bytes
 
 FORMAT = "memedit-activation-stats"
 
@@ -50,6 +50,15 @@ class ActivationStats:
                 f"These statistics were recorded with different settings ({', '.join(diff)}).",
                 "Only statistics of the same model, sampler and targets can be merged.",
             )
+        twice = {s["sha256"] for s in self.prompt_sets} & {s["sha256"] for s in other.prompt_sets}
+        if twice:
+            names = sorted(s["name"] for s in other.prompt_sets if s["sha256"] in twice)
+            raise MemeditError(
+                f"The prompt set {', '.join(names)} is in more than one of these statistics; "
+                "merging would count its prompts twice.",
+                "Pass each file once. Two recordings of the same prompts (such as the "
+                "empty-prompt reference recorded by every shard) hold the same statistics: "
+                "use one of them.")
         if self.sumsq.keys() != other.sumsq.keys():
             raise MemeditError("These statistics cover different layers.",
                                "Record both with the same --targets.")
@@ -61,7 +70,8 @@ class ActivationStats:
             self.prompt_sets + other.prompt_sets,
         )
 
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False, inputs: Inputs = None) -> Path:
+        """Write one ``.stats.safetensors`` file atomically (``inputs``: paths it must spare)."""
         path = Path(path)
         metadata = {
             "format": FORMAT,
@@ -70,7 +80,7 @@ class ActivationStats:
             "prompt_sets": json.dumps(self.prompt_sets),
         }
         tensors = {key: value.detach().cpu().contiguous() for key, value in self.sumsq.items()}
-        atomic_write_bytes(path, save(tensors, metadata=metadata), overwrite=overwrite)
+        atomic_write_bytes(path, save(tensors, metadata=metadata), overwrite, inputs)
         return path
 
     @classmethod

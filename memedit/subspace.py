@@ -54,7 +54,7 @@ class Subspace:
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write ``masks.safetensors`` and ``subspace.json`` into a new folder, atomically."""
-        with atomic_output_dir(Path(folder), overwrite) as tmp:
+        with atomic_output_dir(folder, overwrite, kind="subspace") as tmp:
             self.write_into(tmp)
         return Path(folder)
 

@@ -7,12 +7,15 @@ the memorized weights, and every other byte of the folder is copied unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from memedit.errors import MemeditError
@@ -50,17 +53,30 @@ def weight_files(component_dir: Path, allow_pickle: bool = False) -> list[Weight
     return [WeightFile(p, not is_variant(p) or not any_primary) for p in files]
 
 
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn a truncated or corrupt weight file into an error that names it (not a traceback)."""
+    try:
+        yield
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as err:
+        raise MemeditError(f"{path} is not a readable weight file ({err}); it may be truncated "
+                           "or corrupt.",
+                           "Restore it from the model's original copy (compare its size and "
+                           "checksum), then run again.") from None
+
+
 def read_state(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of one weight file (pickled files only reach here with --allow-pickle)."""
-    if path.suffix in PICKLE_SUFFIXES:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    return load_file(str(path))
+    with reading(path):
+        if path.suffix in PICKLE_SUFFIXES:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        return load_file(str(path))
 
 
 def file_keys(path: Path) -> list[str]:
     if path.suffix in PICKLE_SUFFIXES:
         return list(read_state(path))
-    with safe_open(str(path), "pt") as handle:
+    with reading(path), safe_open(str(path), "pt") as handle:
         return list(handle.keys())
 
 
@@ -87,7 +103,7 @@ def read_tensors(model_dir: Path, keys: list[str], allow_pickle: bool = False,
                 state = read_state(weight_file.path)
                 found.update({f"{component}/{n}": state[n] for n in present})
             else:
-                with safe_open(str(weight_file.path), "pt") as handle:
+                with reading(weight_file.path), safe_open(str(weight_file.path), "pt") as handle:
                     found.update({f"{component}/{n}": handle.get_tensor(n) for n in present})
     return found
 
@@ -121,7 +137,7 @@ def rewrite_component(component_dir: Path, masks: dict[str, torch.Tensor],
             path.unlink()
             written.append(target)
         else:
-            with safe_open(str(path), "pt") as handle:
+            with reading(path), safe_open(str(path), "pt") as handle:
                 metadata = handle.metadata() or {"format": "pt"}
             save_file(state, str(path), metadata=metadata)
             written.append(path)

@@ -127,10 +127,10 @@ def test_output_inside_the_source_model(tiny_model_dir, prompts, tmp_path):
     shutil.copytree(tiny_model_dir, folder)
     result = run("locate-and-bake", "--model", folder, "--memorized", prompts, "--out",
                  folder / "sanitized", *FAST)
-    assert_user_error(result, "inside the source model")
+    assert_user_error(result, "inside the input")
     result = run("locate-and-bake", "--model", folder, "--memorized", prompts, "--out",
                  tmp_path, "--overwrite", *FAST)
-    assert_user_error(result, "contains the source model")
+    assert_user_error(result, "contains the input")
     assert (folder / "model_index.json").is_file()
 
 

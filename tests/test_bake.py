@@ -87,15 +87,19 @@ def test_interrupted_bake_leaves_nothing_behind(tiny_model_dir, located, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_overwrite_replaces_an_existing_output(tiny_model_dir, located, tmp_path):
+def test_overwrite_replaces_only_memedits_own_output(tiny_model_dir, located, tmp_path):
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.txt").write_text("old")
+    (tmp_path / "out" / "notes.txt").write_text("the user's")
     with pytest.raises(MemeditError, match="exists already"):
         memedit.bake(tiny_model_dir, located, tmp_path / "out", progress=False)
-    assert (tmp_path / "out" / "stale.txt").exists()
-    memedit.bake(tiny_model_dir, located, tmp_path / "out", overwrite=True, progress=False)
-    assert not (tmp_path / "out" / "stale.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(MemeditError, match="was not written by memedit"):
+        memedit.bake(tiny_model_dir, located, tmp_path / "out", overwrite=True, progress=False)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "the user's"
+    memedit.bake(tiny_model_dir, located, tmp_path / "baked", progress=False)
+    (tmp_path / "baked" / "stale.txt").write_text("old")
+    memedit.bake(tiny_model_dir, located, tmp_path / "baked", overwrite=True, progress=False)
+    assert not (tmp_path / "baked" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["baked", "out"]
 
 
 def test_fp16_variant_files_are_sanitized_too(tiny_model_dir, located, tmp_path):

@@ -60,10 +60,20 @@ def test_saved_statistics_reproduce_the_subspace(tiny_model_dir, tmp_path):
     compared = last_json(run("compare", tmp_path / "a", tmp_path / "b", "--json").stdout)
     assert compared["total"]["iou"] == 1.0
 
+    others = tmp_path / "others.txt"
+    others.write_text("a green bird\n")
+    run("locate", "--model", tiny_model_dir, "--memorized", others, "--out", tmp_path / "c",
+        "--save-stats", tmp_path / "stats-others", *FAST)
     merged = last_json(run("merge-stats", tmp_path / "stats" / "memorized.stats.safetensors",
-                           tmp_path / "stats" / "memorized.stats.safetensors",
-                           "--out", tmp_path / "twice.safetensors", "--json").stdout)
-    assert merged["num_prompts"] == 6
+                           tmp_path / "stats-others" / "memorized.stats.safetensors",
+                           "--out", tmp_path / "merged.safetensors", "--json").stdout)
+    assert merged["num_prompts"] == 4
+    # The same prompts twice would count them twice: refused.
+    same = str(tmp_path / "stats" / "memorized.stats.safetensors")
+    twice = CliRunner().invoke(cli, ["merge-stats", same, same, "--out",
+                                     str(tmp_path / "twice.safetensors")])
+    assert twice.exit_code == 2 and "count its prompts twice" in twice.output
+    assert not (tmp_path / "twice.safetensors").exists()
 
 
 def test_locate_several_targets_and_neuron_granularity(tiny_model_dir, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from memedit.errors import MemeditError
+from memedit.outputs import hold_output
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -190,6 +191,14 @@ def _embedded_defaults(model, options: dict) -> None:
         options[key] = prompt_file(wanted[key])
 
 
+def _inputs(model, baseline, options: dict) -> list:
+    """The paths an evaluation reads (models, prompt files, scorers): its output spares them."""
+    origin = (_bake_source(model) or {}).get("path")  # the baseline a baked model implies
+    return [model, baseline, origin, *(options.get(key) for key in (
+        "memorized", "ordinary", "locate_prompts", "reference", "nemo_reference", "sscd",
+        "clip_dir"))]
+
+
 def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
     """Shared body of ``evaluate`` and ``sweep``."""
     from memedit.evaluation import figures, report
@@ -198,7 +207,7 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
     from memedit.evaluation.utility import CLIPScorer
     from memedit.loading import load_pipeline
     from memedit.locate import LocateConfig
-    from memedit.outputs import atomic_output_dir, check_output_dir
+    from memedit.outputs import atomic_output_dir
     from memedit.prompts import read_prompts
     from memedit.subspace import Subspace
     from memedit.targets import parse_target_kinds
@@ -210,7 +219,7 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
         raise MemeditError("With --k, --model is the original and every edit is applied to it "
                            "in memory, so --baseline has no role.",
                            "Drop --baseline, or drop --k to evaluate a baked model.")
-    out = check_output_dir(options["out"], options["overwrite"])
+    out = options["out"]
     measure = options["measure"]
     if measure == "auto":
         measure = "sscd" if options["sscd"] else "mse"
@@ -261,7 +270,11 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
                    "baseline": baseline_source.spec if baseline_source else None}
     data = report.build_report(result, context)
     text = report.table(result)
-    with atomic_output_dir(out, options["overwrite"]) as tmp:
+    # The training images are inputs too: the report may not replace a folder that holds them.
+    images = [path for group in (memorized, locate_prompts) if group is not None
+              for record in group.records for path in record.images]
+    with atomic_output_dir(out, options["overwrite"], [*_inputs(model, baseline, options),
+                                                      *images], "evaluation") as tmp:
         (tmp / "report.json").write_bytes(report.report_json(data))
         (tmp / "table.txt").write_text(text + "\n")
         grid = figures.image_grid(result)
@@ -292,7 +305,8 @@ def evaluate_command(model, baseline, **options):
     prompts; adds the random-mask and NeMo controls. With --k it locates once per k and
     evaluates each (as `memedit sweep`).
     """
-    run_evaluation(model, baseline, options, sweep_mode=False)
+    with hold_output(options["out"], options["overwrite"], _inputs(model, baseline, options)):
+        run_evaluation(model, baseline, options, sweep_mode=False)
 
 
 @click.command(name="sweep")
@@ -302,7 +316,8 @@ def evaluate_command(model, baseline, **options):
 def sweep_command(model, **options):
     """Locate once per k (--k 0.005,0.01,0.02) on the locate prompts and evaluate each edit,
     its random control and NeMo on held-out prompts; plots rate and utility against k."""
-    run_evaluation(model, None, options, sweep_mode=True)
+    with hold_output(options["out"], options["overwrite"], _inputs(model, None, options)):
+        run_evaluation(model, None, options, sweep_mode=True)
 
 
 @click.command(name="detect")
@@ -329,12 +344,12 @@ def detect_command(model, prompts_file, top, out, overwrite, **options):
     )
     from memedit.evaluation.report import detect_table, report_json
     from memedit.loading import load_pipeline
-    from memedit.outputs import atomic_write_bytes
+    from memedit.outputs import atomic_write_bytes, check_output
     from memedit.prompts import read_prompts
     from memedit.sampling import SamplingConfig
 
-    if out is not None and out.exists() and not overwrite:
-        raise MemeditError(f"{out} exists already.", "Pass --overwrite to replace it.")
+    if out is not None:
+        check_output(out, overwrite, [model, prompts_file], kind="file")
     prompts = read_prompts(prompts_file)
     seeds = _seeds(options["seed_count"], options["seed_start"])
     sampling = SamplingConfig(steps=options["steps"], guidance_scale=options["guidance_scale"],
@@ -375,5 +390,5 @@ def detect_command(model, prompts_file, top, out, overwrite, **options):
             click.echo(f"AUROC (memorized vs not, from the `memorized` field): "
                        f"{result['auroc']:.3f}")
     if out is not None:
-        atomic_write_bytes(out, report_json(result), overwrite=overwrite)
+        atomic_write_bytes(out, report_json(result), overwrite, [model, prompts_file])
         click.echo(f"Wrote {out}", err=True)
