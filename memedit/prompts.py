@@ -6,11 +6,14 @@ A prompt file may name training images per prompt (a JSONL ``image``/``images`` 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+import logging
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +21,19 @@ from memedit.errors import MemeditError
 
 PROMPT_FIELDS = ("prompt", "caption", "text")
 IMAGE_FIELDS = ("image", "images", "image_path", "image_paths", "gt", "ground_truth")
+# CLIP reads 77 tokens (a few hundred characters); a prompt this long is a broken file (lost
+# line breaks, a binary pasted in), not a prompt.
+MAX_PROMPT_CHARS = 100_000
+CSV_DELIMITERS = {",": "comma ','", ";": "semicolon ';'", "\t": "tab", "|": "pipe '|'"}
+# Enough lines for csv.Sniffer to see a consistent field count, without reading a big file twice.
+_SNIFF_CHARS = 64 * 1024
+# pandas writes its index as an unnamed first column ("" or, once read back, "Unnamed: 0").
+_INDEX_COLUMN = re.compile(r"(unnamed: \d+)?")
+# The loggers that warn about prompts over the tokenizer's limit: transformers' tokenizer (the
+# lengths) and diffusers' pipelines (they quote the whole truncated text, once per batch).
+TOKENIZER_LOGGERS = ("transformers.tokenization_utils_base", "diffusers.pipelines")
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,11 @@ class PromptSet:
             digest.update(prompt.encode("utf-8") + b"\n")
         return digest.hexdigest()
 
+    def describe(self) -> str:
+        """One line for the user, e.g. ``12 prompts from mem.jsonl`` or ``1 prompt (reference)``."""
+        count = f"{len(self)} prompt{'' if len(self) == 1 else 's'}"
+        return f"{count} from {self.source}" if self.source else f"{count} ({self.name})"
+
     @classmethod
     def from_prompts(cls, prompts: Sequence[str], name: str = "prompts") -> PromptSet:
         return cls(name=name, records=tuple(PromptRecord(p) for p in prompts))
@@ -65,8 +86,32 @@ def empty_reference(count: int) -> PromptSet:
     return PromptSet.from_prompts([""] * count, name="empty-prompt")
 
 
+@contextlib.contextmanager
+def quiet_tokenizer_warnings() -> Iterator[None]:
+    """Hide the warnings about prompts longer than the tokenizer's limit while the block runs.
+
+    Such prompts are legal (CLIP keeps the first 77 tokens) but diffusers quotes everything it
+    cut, once per batch: a long prompt would flood stderr. The loggers are lowered whole, so
+    their other warnings are hidden too: wrap the sampling calls only, not model loading. Errors
+    still show; the levels are restored on exit.
+    """
+    loggers = [logging.getLogger(name) for name in TOKENIZER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def read_prompts(path: str | Path, name: str | None = None) -> PromptSet:
-    """Read a prompt file: ``.jsonl``, ``.csv``/``.tsv``, or anything else as one prompt a line."""
+    """Read a prompt file: ``.jsonl``, ``.csv``/``.tsv``, or anything else as one prompt a line.
+
+    Blank lines separate prompts in a text file; anywhere else an empty prompt, a prompt that
+    is not a string or one over ``MAX_PROMPT_CHARS`` raises MemeditError naming the line.
+    """
     path = Path(path)
     if not path.exists():
         raise MemeditError(f"Prompt file {path} does not exist.", "Check the path you passed.")
@@ -87,25 +132,48 @@ def read_prompts(path: str | Path, name: str | None = None) -> PromptSet:
     if suffix == ".jsonl":
         records = _read_jsonl(text, path)
     elif suffix in (".csv", ".tsv"):
-        records = _read_csv(text, path, delimiter="\t" if suffix == ".tsv" else ",")
+        records = _read_csv(text, path, default_delimiter="\t" if suffix == ".tsv" else ",")
     else:
-        records = [PromptRecord(line.strip()) for line in text.splitlines() if line.strip()]
-    if not records or all(not r.prompt.strip() for r in records):
+        records = [
+            PromptRecord(_checked(line, number, path))
+            for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
+        ]
+    if not records:
         raise MemeditError(
             f"Prompt file {path} holds no prompt: every line is blank.",
             "Write one prompt a line; the reference set defaults to the empty prompt already.",
         )
-    return PromptSet(name or path.stem, tuple(records), str(path))
+    prompts = PromptSet(name or path.stem, tuple(records), str(path))
+    _log.info("%s", prompts.describe())
+    return prompts
 
 
-def _prompt_of(row: dict, where: str, path: Path) -> str:
-    for key in PROMPT_FIELDS:
-        if key in row and row[key] is not None:
-            return str(row[key]).strip()
-    raise MemeditError(
-        f"{path}, {where}: no prompt field (looked for {', '.join(PROMPT_FIELDS)}).",
-        "Name the prompt field `prompt` or `caption`.",
-    )
+def _checked(value: object, number: int, path: Path, column: str = "prompt") -> str:
+    """``value`` as a prompt (stripped), or MemeditError naming line ``number`` and the cause."""
+    if not isinstance(value, str):
+        kind = ("null" if value is None else "a boolean" if isinstance(value, bool)
+                else "a number" if isinstance(value, int | float)
+                else "a list" if isinstance(value, list) else "an object")
+        raise MemeditError(
+            f"{path}, line {number}: the {column} is {kind}, not a string.",
+            'Write the prompt as a JSON string, e.g. {"prompt": "a red cat"}.',
+        )
+    prompt = value.strip()
+    if not prompt:
+        raise MemeditError(
+            f"{path}, line {number}: the {column} is empty.",
+            "Write the prompt or delete the line; the empty prompt is the default reference set "
+            "and need not be listed.",
+        )
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise MemeditError(
+            f"{path}, line {number}: the {column} is {len(prompt):,} characters long "
+            f"(at most {MAX_PROMPT_CHARS:,} are accepted).",
+            "Prompts are truncated to 77 tokens anyway; check that the file's line breaks "
+            "survived, or shorten the prompt.",
+        )
+    return prompt
 
 
 def _images_of(row: dict, base: Path) -> tuple[Path, ...]:
@@ -135,24 +203,112 @@ def _read_jsonl(text: str, path: Path) -> list[PromptRecord]:
                 f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.",
                 'Write objects such as {"prompt": "..."}.',
             )
-        prompt = _prompt_of(row, f"line {number}", path)
+        key = next((k for k in PROMPT_FIELDS if k in row), None)
+        if key is None:
+            raise MemeditError(
+                f"{path}, line {number}: no prompt field among the keys {sorted(row)} "
+                f"(looked for {', '.join(PROMPT_FIELDS)}).",
+                "Name the prompt field `prompt` or `caption` (lower case).",
+            )
+        prompt = _checked(row[key], number, path, column=f"`{key}` field")
         extra = {k: v for k, v in row.items() if k not in PROMPT_FIELDS + IMAGE_FIELDS}
         records.append(PromptRecord(prompt, _images_of(row, path.parent), extra))
     return records
 
 
-def _read_csv(text: str, path: Path, delimiter: str) -> list[PromptRecord]:
-    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-    columns = [c.strip().lower() for c in reader.fieldnames or []]
-    if not any(c in PROMPT_FIELDS for c in columns):
-        raise MemeditError(
-            f"{path}: no prompt column in the header {reader.fieldnames}.",
-            "Add a header row with a `prompt` (or `caption`) column.",
-        )
+def _sniff_delimiter(text: str, default: str) -> str:
+    """The delimiter among ``CSV_DELIMITERS`` that gives a prompt column, else ``default``.
+
+    csv.Sniffer alone is not enough: in a one-column file of prompts that all hold a ';' it
+    finds ';', which would cut every prompt short. A sniffed delimiter is kept only if the
+    sample read with it has a prompt column and no row wider than the header.
+    """
+    sample = text[:_SNIFF_CHARS]
+    if len(text) > len(sample) and "\n" in sample:
+        sample = sample[: sample.rindex("\n")]  # whole lines only
+    try:
+        sniffed = csv.Sniffer().sniff(sample, delimiters="".join(CSV_DELIMITERS)).delimiter
+    except csv.Error:
+        return default
+    if sniffed == default or _fits(sample, sniffed) or not _fits(sample, default):
+        return sniffed
+    return default
+
+
+def _fits(sample: str, delimiter: str) -> bool:
+    rows = [r for r in csv.reader(io.StringIO(sample), delimiter=delimiter) if r]
+    return bool(rows) and _prompt_column(rows[0]) is not None and all(
+        len(r) <= len(rows[0]) for r in rows[1:]
+    )
+
+
+def _prompt_column(header: list[str]) -> int | None:
+    names = [name.strip().lower() for name in header]
+    return next((names.index(f) for f in PROMPT_FIELDS if f in names), None)
+
+
+def _read_csv(text: str, path: Path, default_delimiter: str) -> list[PromptRecord]:
+    delimiter = _sniff_delimiter(text, default_delimiter)
+    used = f"read with the {CSV_DELIMITERS[delimiter]} delimiter"
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    header: list[str] | None = None
     records = []
-    for number, raw in enumerate(reader, start=2):
-        row = {(k or "").strip().lower(): v for k, v in raw.items()}
-        prompt = _prompt_of(row, f"row {number}", path)
-        extra = {k: v for k, v in row.items() if k not in PROMPT_FIELDS + IMAGE_FIELDS}
-        records.append(PromptRecord(prompt, _images_of(row, path.parent), extra))
+    start = 1
+    try:
+        for fields in reader:
+            # csv.reader yields [] for a blank line, so the next record starts one line later.
+            number, start = start, reader.line_num + 1
+            if not fields:
+                continue
+            if header is None:
+                header = _csv_header(fields, number, path, used)
+                column = _prompt_column(header)
+                continue
+            if len(fields) > len(header):
+                raise MemeditError(
+                    f"{path}, line {number}: {len(fields)} fields under a header of "
+                    f"{len(header)} ({used}).",
+                    "Quote the prompts that contain the delimiter, e.g. \"a cat, sitting\".",
+                )
+            row = dict(zip(header, fields, strict=False))
+            cell = fields[column] if column < len(fields) else ""
+            prompt = _checked(cell, number, path, column=f"`{header[column]}` cell")
+            extra = {k: v for k, v in row.items()
+                     if k not in PROMPT_FIELDS + IMAGE_FIELDS and not _INDEX_COLUMN.fullmatch(k)}
+            records.append(PromptRecord(prompt, _images_of(row, path.parent), extra))
+    except csv.Error as err:
+        raise MemeditError(
+            f"{path}, line {start}: not valid CSV ({err}; {used}).",
+            "Check the quoting and that the file's line breaks survived; a cell too long for "
+            "the csv module is no prompt anyway: prompts are truncated to 77 tokens.",
+        ) from None
+    if header is None:
+        raise MemeditError(
+            f"Prompt file {path} holds no prompt: every line is blank.",
+            "Write a header row with a `prompt` column, then one prompt a row.",
+        )
+    if not records:
+        raise MemeditError(
+            f"Prompt file {path} holds no prompt: the header {header} has no rows under it.",
+            "Write one prompt a row under the header.",
+        )
     return records
+
+
+def _csv_header(fields: list[str], number: int, path: Path, used: str) -> list[str]:
+    """The header's column names, stripped and lower-cased; MemeditError without a prompt one."""
+    header = [name.strip().lower() for name in fields]
+    named = [name for name in header if name]
+    if len(set(named)) < len(named):
+        raise MemeditError(
+            f"{path}, line {number}: the header {fields} names a column twice "
+            "(names are compared ignoring case and spaces).",
+            "Rename or delete the duplicate column.",
+        )
+    if _prompt_column(header) is None:
+        raise MemeditError(
+            f"{path}, line {number}: no prompt column among the columns {fields} ({used}).",
+            f"Name the prompt column one of {', '.join(PROMPT_FIELDS)} (any case); the "
+            f"delimiter is guessed among {', '.join(CSV_DELIMITERS.values())}.",
+        )
+    return header
