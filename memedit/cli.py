@@ -350,46 +350,61 @@ def bake_command(model: str | None, subspace: Path, out: Path, overwrite: bool,
     emit(data, as_json, lambda d: tabulate(list(d.items()), tablefmt="plain"))
 
 
+# What `inspect` shows of a manifest (a damaged one gets a message, not a KeyError).
+SUMMARY_FIELDS = ("method.k", "method.tau", "method.rho", "method.granularity",
+                  "method.targets", "model.spec", "prompts")
+
+
 @cli.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--original", default=None,
               help="For a sanitized model: the original to verify it against (default: the "
-                   "source recorded at bake time).")
+                   "source recorded at bake time, which the model folder itself names).")
+@click.option("--subspace", "independent", type=click.Path(path_type=Path), default=None,
+              help="A copy of the subspace kept outside the model folder: the carried one "
+                   "must equal it, and the model is checked against it.")
+@click.option("--expect-digest", default=None, metavar="HEX",
+              help="The digest `--digest` printed when the subspace was made: the carried "
+                   "subspace must still have it.")
+@click.option("--digest", "print_digest", is_flag=True,
+              help="Only print the subspace's digest (sha256 of masks and manifest), to keep "
+                   "somewhere the model folder's writers cannot reach.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Also read pickled checkpoints (an original with .bin/.ckpt weights).")
 @click.option("--no-verify", is_flag=True, help="Only summarise; skip the weight-by-weight check.")
 @click.option("--json", "as_json", is_flag=True)
-def inspect_command(path: Path, original: str | None, no_verify: bool, as_json: bool) -> None:
-    """Summarise a subspace or a sanitized model; verify a sanitized model against its original
-    (exit status 1 if any weight differs other than the masked ones being zero)."""
-    from memedit.inspection import provenance, verify_sanitized
+def inspect_command(path: Path, original: str | None, independent: Path | None,
+                    expect_digest: str | None, print_digest: bool, allow_pickle: bool,
+                    no_verify: bool, as_json: bool) -> None:
+    """Summarise a subspace or a sanitized model, and verify it.
+
+    A sanitized model is checked against its manifest (the masks' counts, every edited
+    tensor's sha256 after baking, the UNet's other tensors), against --subspace and
+    --expect-digest when given, and against its original. The report says what was
+    established and what not. Exit status: 0 OK; 1 FAILED (a difference was found); 3 NOT
+    VERIFIABLE (nothing found wrong, but the provenance, the original or a record needed is
+    missing); 2 user error.
+    """
+    from memedit.inspection import EXIT_STATUS, verify_path
     from memedit.subspace import Subspace
 
-    subspace = Subspace.load(path)
-    summary = _subspace_summary(subspace)
-    info = provenance(path)
-    verification = None
-    if info is not None and not no_verify:
-        verification = verify_sanitized(path, original)
-        summary["verification"] = {
-            "original": verification.original, "ok": verification.ok,
-            "tensors_checked": verification.tensors_checked,
-            "edited_tensors": verification.edited_tensors, "zeroed": verification.zeroed,
-            "other_files_checked": verification.files_checked,
-            "problems": verification.problems}
-
-    def render(s: dict) -> str:
-        text = _render_subspace(s)
-        if "verification" in s:
-            v = s["verification"]
-            text += (f"\n\nverified against {v['original']}: "
-                     f"{'OK' if v['ok'] else 'FAILED'} ({v['tensors_checked']} tensors, "
-                     f"{v['edited_tensors']} edited, {v['zeroed']:,} weights zeroed, "
-                     f"{v['other_files_checked']} other files)")
-            text += "".join(f"\n  - {p}" for p in v["problems"][:20])
-        return text
-
-    emit(summary, as_json, render)
-    if verification is not None and not verification.ok:
-        sys.exit(1)
+    if print_digest or no_verify:
+        subspace = Subspace.load(path)
+        if print_digest:
+            emit({"path": str(path), "digest": subspace.digest()}, as_json, lambda d: d["digest"])
+            return
+        subspace.check_fields(SUMMARY_FIELDS)
+        emit(_subspace_summary(subspace), as_json, _render_subspace)
+        return
+    verification = verify_path(path, original, independent, expect_digest, allow_pickle)
+    summary: dict = {}
+    if verification.subspace is not None:
+        verification.subspace.check_fields(SUMMARY_FIELDS)
+        summary = _subspace_summary(verification.subspace)
+    summary["verification"] = verification.to_dict()
+    emit(summary, as_json, lambda s: (_render_subspace(s) + "\n\n" if "layers" in s else "")
+         + verification.render())
+    sys.exit(EXIT_STATUS[verification.verdict])
 
 
 @cli.command("compare")
@@ -435,11 +450,16 @@ def merge_stats_command(files: tuple[Path, ...], out: Path, overwrite: bool,
 def _register_subcommands() -> None:
     # Evaluation and the ONNX side keep their commands next to their code; heavy imports
     # (optimum, onnxruntime) stay inside the command bodies, so `memedit --help` is quick.
-    from memedit.evaluation.cli import detect_command, evaluate_command, sweep_command
+    from memedit.evaluation.cli import (
+        attack_command,
+        detect_command,
+        evaluate_command,
+        sweep_command,
+    )
     from memedit.export.cli import export_command, generate_command, verify_onnx_command
 
-    for command in (evaluate_command, sweep_command, detect_command, export_command,
-                    verify_onnx_command, generate_command):
+    for command in (evaluate_command, sweep_command, detect_command, attack_command,
+                    export_command, verify_onnx_command, generate_command):
         cli.add_command(command)
 
 
@@ -448,3 +468,7 @@ _register_subcommands()
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":  # `python -m memedit.cli`, as launchers such as accelerate run it
+    main()

@@ -63,6 +63,17 @@ def apply_umask(path: Path, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
+def _apply_umask_tree(folder: Path) -> None:
+    """Libraries write some files 0600 (safetensors does): give the whole output the modes
+    the umask asks for, as any other tool's output would have. Executable bits are kept."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o100
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def written_by_memedit(folder: Path) -> dict | None:
     """The marker memedit leaves in every folder it writes, or None."""
     marker = Path(folder) / MARKER_FILE
@@ -251,10 +262,10 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False, inputs: Inputs =
     out = check_output(out, overwrite, inputs)
     with output_lock(out):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{PARTIAL}-", dir=out.parent))
-        apply_umask(tmp, is_dir=True)
         try:
             yield tmp
             (tmp / MARKER_FILE).write_bytes(_marker(kind))
+            _apply_umask_tree(tmp)
             # Under the lock no memedit run can have written ``out`` meanwhile, but another
             # program may have: the same rules apply at the moment of replacing.
             check_output(out, overwrite, inputs)

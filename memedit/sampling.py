@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from memedit.errors import MemeditError
+from memedit.prompts import quiet_tokenizer_warnings
 
 # Every Stable Diffusion family's pipeline refuses image sizes that are not multiples of 8.
 SIZE_MULTIPLE = 8
@@ -62,17 +63,21 @@ def generators(pipe, seeds: Sequence[int]) -> list[torch.Generator]:
 
 def run_pipeline(pipe, prompts: Sequence[str], seeds: Sequence[int], config: SamplingConfig,
                  output_type: str = "np", **kwargs):
-    """One pipeline call on a batch of prompts with per-prompt seeds."""
-    return pipe(
-        prompt=list(prompts),
-        num_inference_steps=config.steps,
-        guidance_scale=config.guidance_scale,
-        generator=generators(pipe, seeds),
-        height=config.height,
-        width=config.width,
-        output_type=output_type,
-        **kwargs,
-    )
+    """One pipeline call on a batch of prompts with per-prompt seeds.
+
+    A prompt past the tokenizer's 77 tokens is legal (it is truncated) but must not be quoted
+    back on stderr, once per batch."""
+    with quiet_tokenizer_warnings():
+        return pipe(
+            prompt=list(prompts),
+            num_inference_steps=config.steps,
+            guidance_scale=config.guidance_scale,
+            generator=generators(pipe, seeds),
+            height=config.height,
+            width=config.width,
+            output_type=output_type,
+            **kwargs,
+        )
 
 
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], config: SamplingConfig,
