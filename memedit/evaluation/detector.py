@@ -7,12 +7,16 @@ large early in sampling. The score of a prompt is its magnitude averaged over th
 
 We report the RMS (the L2 norm divided by sqrt(D), D = latent size) so scores compare across
 resolutions; the ranking, and so the AUROC, is the same as with Wen et al.'s plain L2 norm.
+
+Wen et al. ran it with DDIM (``DDIMScheduler.from_config`` of the pipeline's scheduler) and
+tracked every one of the 50 steps: ``scheduler="ddim"`` reproduces that; the default keeps the
+pipeline's own scheduler, so that the detector sees the trajectory evaluation generates.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,14 +26,45 @@ from memedit.errors import MemeditError
 from memedit.hooks import ActivationRecorder, StopDenoising
 from memedit.sampling import SamplingConfig, batches, run_pipeline
 
+SCHEDULERS = ("pipeline", "ddim")
+
 
 @dataclass(frozen=True)
 class DetectorConfig:
     """``steps``: how many of the first denoising steps are averaged (Wen et al. report that
-    the first step alone already separates well; more steps are steadier)."""
+    the first step alone already separates well; more steps are steadier); ``None``: all.
+    ``scheduler``: ``pipeline`` (the pipeline's own) or ``ddim`` (as Wen et al.)."""
 
-    steps: int = 5
+    steps: int | None = 5
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    scheduler: str = "pipeline"
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise MemeditError(f"Unknown detector scheduler {self.scheduler!r}.",
+                               f"Use one of {', '.join(SCHEDULERS)}.")
+
+
+def scheduler_name(pipe, config: DetectorConfig) -> str:
+    """The scheduler class the detector samples with, for the report."""
+    return "DDIMScheduler" if config.scheduler == "ddim" else type(pipe.scheduler).__name__
+
+
+@contextlib.contextmanager
+def detector_scheduler(pipe, config: DetectorConfig) -> Iterator[None]:
+    """Swap in DDIM for the block when asked (Wen et al.'s set-up), then restore the
+    pipeline's own scheduler object."""
+    if config.scheduler == "pipeline":
+        yield
+        return
+    from diffusers import DDIMScheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(original.config)
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
 
 
 def text_noise_magnitudes(pipe, prompts: Sequence[str], seeds: Sequence[int],
@@ -49,7 +84,7 @@ def text_noise_magnitudes(pipe, prompts: Sequence[str], seeds: Sequence[int],
             "The detector needs classifier-free guidance (guidance scale > 1): it measures the "
             "gap between the conditional and unconditional noise predictions.",
             "Use a guidance scale above 1 (the default is 7.5).")
-    steps = min(config.steps, sampling.steps)
+    steps = sampling.steps if config.steps is None else min(config.steps, sampling.steps)
     if steps < 1:
         raise MemeditError("The detector needs at least one step.",
                            "Pass --detector-steps 1 or more.")
@@ -66,19 +101,20 @@ def text_noise_magnitudes(pipe, prompts: Sequence[str], seeds: Sequence[int],
     # The recorder with no layers only counts UNet calls and leaves the loop after `steps`,
     # the same mechanism locating uses.
     stopper = ActivationRecorder(pipe, [], steps)
-    handle = pipe.unet.register_forward_hook(record)
-    try:
-        for batch in batches(list(zip(prompts, seeds, strict=True)), sampling.batch_size):
-            current.clear()
-            stopper.start_pipeline_call()
-            with stopper, torch.no_grad(), contextlib.suppress(StopDenoising):
-                run_pipeline(pipe, [p for p, _ in batch], [s for _, s in batch], sampling,
-                             output_type="latent")
-            out.append(torch.stack(current, dim=1).numpy())
-            if progress is not None:
-                progress.update(len(batch))
-    finally:
-        handle.remove()
+    with detector_scheduler(pipe, config):
+        handle = pipe.unet.register_forward_hook(record)
+        try:
+            for batch in batches(list(zip(prompts, seeds, strict=True)), sampling.batch_size):
+                current.clear()
+                stopper.start_pipeline_call()
+                with stopper, torch.no_grad(), contextlib.suppress(StopDenoising):
+                    run_pipeline(pipe, [p for p, _ in batch], [s for _, s in batch], sampling,
+                                 output_type="latent")
+                out.append(torch.stack(current, dim=1).numpy())
+                if progress is not None:
+                    progress.update(len(batch))
+        finally:
+            handle.remove()
     return np.concatenate(out, axis=0)
 
 
