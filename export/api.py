@@ -4,20 +4,27 @@
 run on a temporary sibling, and only a folder that passed is moved into place. A sanitized
 export that fails the audit, or any export that fails parity, leaves nothing behind and raises
 :class:`VerificationFailed`, which carries the full report.
+
+The audit trusts the PyTorch model as its reference only once each masked tensor, as stored,
+hashes to the subspace's ``sha256_after`` and the masks match the manifest's counts. A report's
+verdict is PASSED, FAILED, or NOT VERIFIABLE: nothing failed, but what the checks rest on (the
+export's record or stored subspace, the manifest's hashes) is missing.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memedit.errors import MemeditError
 from memedit.export.audit import AuditReport, audit_export
 from memedit.export.onnx import (
+    EXPORT_RECORD,
     PROVENANCE_DIR,
     ExportInfo,
     ExportOptions,
@@ -33,16 +40,29 @@ from memedit.export.parity import (
     ort_parity,
     torch_references,
 )
-from memedit.export.runtime import load_ort_pipeline
+from memedit.export.runtime import load_ort_pipeline, ort_failures
+from memedit.subspace import MANIFEST_FILE, Subspace
+from memedit.weights import read_tensors, tensor_sha256
 
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
 
 
+PASSED, FAILED, NOT_VERIFIABLE = "PASSED", "FAILED", "NOT VERIFIABLE"
+# What each failing audit status means, for the one-line error under the report.
+_STATUS_MEANING = {
+    "nonzero-in-onnx": "a zeroed weight is not zero in the ONNX graph",
+    "nonzero-in-source": "the PyTorch model is not sanitized with this subspace",
+    "source-not-as-baked": "the PyTorch tensor is not the one the manifest records after "
+                           "baking (sha256_after differs)",
+    "not-found": "no ONNX initializer holds this weight (another graph, or fused weights)",
+}
+
+
 @dataclass
 class VerifyReport:
-    """Everything checked about one ONNX folder."""
+    """Everything checked about one ONNX folder, and what could not be established."""
 
     onnx_dir: str
     source: str
@@ -51,6 +71,8 @@ class VerifyReport:
     audit_note: str = ""
     export: ExportInfo | None = None
     provider_reason: str = ""
+    unverified: list[str] = field(default_factory=list)  # missing inputs: NOT VERIFIABLE
+    unconfirmed: list[str] = field(default_factory=list)  # passed, resting on the folder only
 
     @property
     def passed(self) -> bool:
@@ -58,9 +80,21 @@ class VerifyReport:
         audit_ok = self.audit is None or self.audit.passed
         return parity_ok and audit_ok
 
+    @property
+    def not_established(self) -> list[str]:
+        """What blocks a PASSED verdict although nothing failed."""
+        return self.unverified + (self.audit.unverified if self.audit else [])
+
+    @property
+    def verdict(self) -> str:
+        if not self.passed:
+            return FAILED
+        return NOT_VERIFIABLE if self.not_established else PASSED
+
     def to_dict(self) -> dict:
         return {
             "passed": self.passed,
+            "verdict": self.verdict,
             "onnx_dir": self.onnx_dir,
             "source": self.source,
             "export": None if self.export is None else self.export.to_dict(),
@@ -68,6 +102,7 @@ class VerifyReport:
             "audit": None if self.audit is None else self.audit.to_dict(),
             "audit_note": self.audit_note,
             "parity": None if self.parity is None else self.parity.to_dict(),
+            "not_established": self.unverified + self.unconfirmed,
         }
 
     def table(self) -> str:
@@ -86,7 +121,10 @@ class VerifyReport:
         lines.append(self.audit.table() if self.audit else f"Sanitization audit: {self.audit_note}")
         if self.parity is not None:
             lines += ["", self.parity.table()]
-        lines += ["", "RESULT: " + ("PASSED" if self.passed else "FAILED")]
+        if self.unverified or self.unconfirmed:
+            lines += ["", "Not established:"]
+            lines += [f"  - {item}" for item in self.unverified + self.unconfirmed]
+        lines += ["", f"RESULT: {self.verdict}"]
         return "\n".join(lines)
 
 
@@ -98,10 +136,8 @@ class VerificationFailed(MemeditError):
         self.report = report
 
 
-def load_subspace(path: str | os.PathLike | None):
+def load_subspace(path: str | os.PathLike | None) -> Subspace | None:
     """``Subspace.load`` on a subspace folder or a model folder carrying ``memedit/``, or None."""
-    from memedit.subspace import MANIFEST_FILE, Subspace
-
     if path is None:
         return None
     path = Path(path)
@@ -110,22 +146,41 @@ def load_subspace(path: str | os.PathLike | None):
     return None
 
 
-def _torch_phase(pipe: DiffusionPipeline, onnx_dir: Path,
-                 masks: dict[str, torch.Tensor] | None, inputs: ParityInputs, parity: bool,
-                 full_pipeline: bool, source: str,
-                 audit_note: str) -> tuple[VerifyReport, list[Case] | None, float]:
-    """Everything that needs the PyTorch pipeline: the audit, then the parity references.
+def _baked(subspace: Subspace, source_dir: Path, allow_pickle: bool) -> dict[str, bool | None]:
+    """Per masked key: does the source tensor, as stored, hash to the manifest's
+    ``sha256_after``? (None: the manifest records none.) Only then is the loaded PyTorch
+    parameter a trustworthy reference for the audit."""
+    records, missing = subspace.tensor_records(), set(subspace.missing_hashes())
+    stored = read_tensors(source_dir, list(subspace.masks), allow_pickle)
+    return {key: None if key in missing else (
+                key in stored and tensor_sha256(stored[key]) == records[key]["sha256_after"])
+            for key in subspace.masks}
 
-    The audit runs first: it is cheap, and a failed one makes parity moot.
-    """
-    report = VerifyReport(str(onnx_dir), source, audit_note=audit_note)
-    if masks:
-        report.audit = audit_export(masks, pipe, onnx_dir)
+
+def _audit(pipe: DiffusionPipeline, onnx_dir: Path, subspace: Subspace,
+           source_dir: Path | None, allow_pickle: bool) -> AuditReport:
+    """The audit of ``onnx_dir`` against ``subspace``, tied to the manifest's records: the
+    masks' counts, and the source tensors' sha256 after baking (``source_dir``'s files)."""
+    problems, gaps = subspace.check_manifest()
+    baked = None if source_dir is None else _baked(subspace, source_dir, allow_pickle)
+    audit = audit_export(subspace.masks, pipe, onnx_dir, baked=baked)
+    audit.problems += problems
+    audit.unverified += gaps
+    if source_dir is None:
+        audit.unverified.append("the PyTorch pipeline was given in memory: its tensors are not "
+                                "checked against the manifest's sha256_after")
+    return audit
+
+
+def _torch_phase(pipe: DiffusionPipeline, report: VerifyReport, inputs: ParityInputs,
+                 parity: bool, full_pipeline: bool) -> tuple[list[Case] | None, float]:
+    """The parity references, which need the PyTorch pipeline; skipped when the audit (run
+    first: it is cheap) already failed, which makes parity moot."""
     if not (parity and report.passed):
-        return report, None, 0.0
+        return None, 0.0
     start = time.perf_counter()
     cases = torch_references(pipe, inputs, full_pipeline)
-    return report, cases, time.perf_counter() - start
+    return cases, time.perf_counter() - start
 
 
 def _ort_phase(report: VerifyReport, cases: list[Case] | None, torch_seconds: float,
@@ -136,7 +191,8 @@ def _ort_phase(report: VerifyReport, cases: list[Case] | None, torch_seconds: fl
         return report
     ort_pipe, choice = load_ort_pipeline(onnx_dir, provider, threads)
     report.provider_reason = f"{choice.label} ({choice.reason})"
-    report.parity = ort_parity(ort_pipe, cases, thresholds, choice.provider, torch_seconds)
+    with ort_failures(onnx_dir):
+        report.parity = ort_parity(ort_pipe, cases, thresholds, choice.provider, torch_seconds)
     return report
 
 
@@ -146,22 +202,31 @@ def verify_loaded(pipe: DiffusionPipeline, onnx_dir: Path,
                   inputs: ParityInputs | None = None, parity: bool = True,
                   full_pipeline: bool = True, provider: str = "cpu", threads: int | None = None,
                   source: str = "", audit_note: str = "") -> VerifyReport:
-    """Audit (if ``masks``) and parity of ``onnx_dir`` against the loaded PyTorch ``pipe``."""
-    report, cases, spent = _torch_phase(pipe, Path(onnx_dir), masks, inputs or ParityInputs(),
-                                        parity, full_pipeline, source, audit_note)
-    return _ort_phase(report, cases, spent, Path(onnx_dir), thresholds or Thresholds(),
-                      provider, threads)
+    """Audit (if ``masks``) and parity of ``onnx_dir`` against the loaded PyTorch ``pipe``.
+
+    No manifest comes with bare masks, so the audit cannot tie ``pipe`` to recorded hashes:
+    the report says so (NOT VERIFIABLE at best).
+    """
+    onnx_dir = Path(onnx_dir)
+    report = VerifyReport(str(onnx_dir), source, audit_note=audit_note)
+    if masks:
+        report.audit = _audit(pipe, onnx_dir, Subspace(masks, {}), None, False)
+    cases, spent = _torch_phase(pipe, report, inputs or ParityInputs(), parity, full_pipeline)
+    return _ort_phase(report, cases, spent, onnx_dir, thresholds or Thresholds(), provider,
+                      threads)
 
 
 def failure(report: VerifyReport) -> VerificationFailed:
     """The error that explains why ``report`` failed (audit first, then parity)."""
     if report.audit is not None and not report.audit.passed:
-        bad = [r.key for r in report.audit.results if not r.passed]
+        bad = [f"{r.key}: {_STATUS_MEANING.get(r.status, r.status)}"
+               for r in report.audit.results if not r.passed] + report.audit.problems
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         return VerificationFailed(
-            report, f"Sanitization audit failed for {len(bad)} tensor(s), e.g. {bad[0]}: the "
-            "exported graph does not keep every zeroed weight at zero.",
-            "Check that the model was baked with this subspace (`memedit bake`), and export "
-            "without graph optimizations that fuse weights.")
+            report, f"Sanitization audit failed: {bad[0]}{more}.",
+            "Check that the model was baked with this subspace (`memedit bake`) and that "
+            "neither folder was edited since; export without graph optimizations that fuse "
+            "weights.")
     return VerificationFailed(
         report, "ONNX Runtime does not reproduce the PyTorch model within the thresholds.",
         "See the table; loosen --max-abs/--mean-abs/--min-psnr only if the differences are "
@@ -177,7 +242,9 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
 
     The subspace to audit is ``subspace`` if given, else the one a memedit-baked model
     carries in ``memedit/``; a model without one is exported without an audit (said so in the
-    report). Raises :class:`VerificationFailed` (nothing written) when a check fails.
+    report). Raises :class:`VerificationFailed` (nothing written) when a check fails; a
+    subspace whose manifest lacks the records to tie the audit to is exported, with a report
+    whose verdict is NOT VERIFIABLE.
     """
     from memedit.loading import load_pipeline, resolve_model
     from memedit.outputs import atomic_output_dir, check_output
@@ -200,9 +267,10 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
         info = export_pipeline(pipe, tmp, options)
         if carried is not None:
             carried.write_into(tmp / PROVENANCE_DIR)  # so that verify-onnx can audit later
-        report, cases, spent = _torch_phase(pipe, tmp, carried.masks if carried else None,
-                                            inputs or ParityInputs(), parity, True,
-                                            str(source.path), note)
+        report = VerifyReport(str(tmp), str(source.path), audit_note=note)
+        if carried is not None:
+            report.audit = _audit(pipe, tmp, carried, source.path, allow_pickle)
+        cases, spent = _torch_phase(pipe, report, inputs or ParityInputs(), parity, True)
         del pipe  # free PyTorch before ONNX Runtime loads (the full SD pipeline needs it)
         gc.collect()
         _ort_phase(report, cases, spent, tmp, thresholds or Thresholds(),
@@ -219,6 +287,20 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
     return report
 
 
+def _export_record(onnx_dir: Path, report_gaps: list[str]) -> dict:
+    """The export record, or ``{}`` (noted in ``report_gaps``) when missing or unreadable."""
+    where = f"{PROVENANCE_DIR}/{EXPORT_RECORD}"
+    try:
+        record = read_record(onnx_dir)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict) or not record:
+        report_gaps.append(f"what the export checked: its record ({where}) is "
+                           + ("missing" if record == {} else "unreadable"))
+        return {}
+    return record
+
+
 def verify_onnx(onnx_dir: str | os.PathLike, model: str | os.PathLike | None = None,
                 subspace: str | os.PathLike | None = None, thresholds: Thresholds | None = None,
                 inputs: ParityInputs | None = None, parity: bool = True,
@@ -226,8 +308,11 @@ def verify_onnx(onnx_dir: str | os.PathLike, model: str | os.PathLike | None = N
                 allow_pickle: bool = False) -> VerifyReport:
     """Re-check an exported folder against its PyTorch model (parity and audit).
 
-    ``model`` defaults to the source recorded at export; the subspace to ``subspace``, else
-    the copy the export stored in ``memedit/``, else the one the model carries.
+    ``model`` defaults to the source recorded at export; the subspace to ``subspace`` (which
+    the copy the export stored must then equal), else that stored copy, else the one the
+    model carries. The audit is tied to the subspace's manifest (counts, ``sha256_after`` of
+    the source tensors). The verdict is NOT VERIFIABLE when nothing failed but the export's
+    provenance (record, stored subspace) or the manifest's records are missing.
     """
     from memedit.loading import load_pipeline
 
@@ -235,21 +320,42 @@ def verify_onnx(onnx_dir: str | os.PathLike, model: str | os.PathLike | None = N
     if not (onnx_dir / "model_index.json").is_file():
         raise MemeditError(f"{onnx_dir} is not an ONNX pipeline folder.",
                            "Pass the folder written by `memedit export --onnx`.")
+    gaps: list[str] = []
+    unconfirmed: list[str] = []
+    record = _export_record(onnx_dir, gaps)
+    recorded_source = record.get("source")
     if model is None:
-        model = read_record(onnx_dir).get("source", {}).get("path")
+        model = recorded_source.get("path") if isinstance(recorded_source, dict) else None
         if model is None:
             raise MemeditError(f"{onnx_dir} does not record its PyTorch source model.",
                                "Pass --model with the pipeline folder that was exported.")
+        unconfirmed.append(f"that {model} is the exported model: its path comes from the "
+                           "export record (pass --model to name it yourself)")
     pipe, source = load_pipeline(model, "cpu", "float32", allow_pickle)
-    chosen = (load_subspace(subspace) if subspace is not None
-              else load_subspace(onnx_dir) or load_subspace(source.path))
-    if subspace is not None and chosen is None:
+    explicit = load_subspace(subspace) if subspace is not None else None
+    if subspace is not None and explicit is None:
         raise MemeditError(f"{subspace} holds no memedit subspace.",
                            "Pass the folder written by `memedit locate`, or a baked model.")
+    stored = load_subspace(onnx_dir)
+    chosen = explicit or stored or load_subspace(source.path)
+    if stored is None and record.get("subspace"):
+        gaps.append(f"the subspace the export stored in {PROVENANCE_DIR}/ is missing, though "
+                    "its record names one (provenance removed?)")
+    if chosen is None:
+        gaps.append("the sanitization: there is no subspace to audit against (the export "
+                    "stored none and the model carries none; pass --subspace)")
+    elif explicit is None:
+        unconfirmed.append("the subspace audited against: nothing outside the folders "
+                           "confirms it (pass --subspace with a copy kept elsewhere)")
     note = "" if chosen else "not run: no subspace found (pass --subspace DIR)"
-    report, cases, spent = _torch_phase(pipe, onnx_dir, chosen.masks if chosen else None,
-                                        inputs or ParityInputs(), parity, True,
-                                        str(source.path), note)
+    report = VerifyReport(str(onnx_dir), str(source.path), audit_note=note, unverified=gaps,
+                          unconfirmed=unconfirmed)
+    if chosen is not None:
+        report.audit = _audit(pipe, onnx_dir, chosen, source.path, allow_pickle)
+        if explicit is not None and stored is not None:
+            report.audit.problems += [f"the subspace the export stored differs from "
+                                      f"{subspace}: {d}" for d in explicit.differences(stored)]
+    cases, spent = _torch_phase(pipe, report, inputs or ParityInputs(), parity, True)
     del pipe  # free PyTorch before ONNX Runtime loads
     gc.collect()
     return _ort_phase(report, cases, spent, onnx_dir, thresholds or Thresholds(), provider,

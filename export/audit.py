@@ -7,6 +7,11 @@ equals ``W`` (or ``Wᵀ``, or ``W`` reshaped) at every position the subspace did
 Those positions are untouched by sanitization, so the match still works when the zeroed
 positions were altered, and then the audit can say exactly which weights came back.
 
+The PyTorch parameter is only a trustworthy reference once it is tied to the subspace's
+manifest: each masked tensor, as stored in the source model's files, must hash to the
+manifest's ``sha256_after`` (``baked`` in :func:`audit_export`); a source whose weight was
+restored, with its mask bit cleared to hide it, fails there (``source-not-as-baked``).
+
 Efficiency on the real SD UNet (3.4 GB, ~700 initializers): the ONNX protobuf is parsed
 without its external data; initializers are indexed by element count; candidates are
 filtered by a 16-value fingerprint read through a memory map; only the survivors (usually
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 import torch
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from memedit.errors import MemeditError
@@ -91,7 +97,11 @@ class Initializer:
 
 def iter_initializers(model_path: Path) -> Iterator[Initializer]:
     """Float initializers and Constant-node tensors of an ONNX file, without loading weights."""
-    model = onnx.load(str(model_path), load_external_data=False)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except DecodeError as err:
+        raise MemeditError(f"{model_path} is not a readable ONNX model ({err}).",
+                           "Export the model again (`memedit export --onnx`).") from None
     base = model_path.parent
     for tensor in model.graph.initializer:
         if tensor.data_type in _FLOAT_TYPES:
@@ -113,9 +123,11 @@ class ParamAudit:
     key: str
     onnx_file: str
     masked: int
-    status: str  # ok | nonzero-in-onnx | nonzero-in-source | not-found
+    # ok | nonzero-in-onnx | nonzero-in-source | source-not-as-baked | not-found
+    status: str
     nonzero: int = 0  # masked positions that are not zero (in the ONNX copy, or the source)
     matches: list[str] = field(default_factory=list)  # "initializer (orientation)"
+    source_sha256: str = "not recorded"  # stored source tensor vs sha256_after: matches|differs
 
     @property
     def passed(self) -> bool:
@@ -124,14 +136,18 @@ class ParamAudit:
 
 @dataclass
 class AuditReport:
-    """Per-parameter results; passes only if every masked weight is zero in every ONNX copy."""
+    """Per-parameter results; passes only if every masked weight is zero in every ONNX copy
+    and nothing is wrong with the subspace itself (``problems``). ``unverified`` says what could
+    not be tied to a manifest record (the verdict is then NOT VERIFIABLE, not passed)."""
 
     results: list[ParamAudit]
     seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    unverified: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return bool(self.results) and all(r.passed for r in self.results)
+        return bool(self.results) and all(r.passed for r in self.results) and not self.problems
 
     @property
     def masked(self) -> int:
@@ -139,18 +155,22 @@ class AuditReport:
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "masked": self.masked, "seconds": round(self.seconds, 3),
+                "problems": self.problems, "unverified": self.unverified,
                 "parameters": [asdict(r) | {"passed": r.passed} for r in self.results]}
 
     def table(self) -> str:
         from tabulate import tabulate
 
-        rows = [[r.key, r.masked, r.nonzero, r.status, ", ".join(r.matches) or "-"]
-                for r in self.results]
+        rows = [[r.key, r.masked, r.nonzero, r.status, r.source_sha256,
+                 ", ".join(r.matches) or "-"] for r in self.results]
         verdict = "PASSED" if self.passed else "FAILED"
         head = (f"Sanitization audit {verdict}: {len(self.results)} tensors, {self.masked} "
                 f"zeroed weights ({self.seconds:.1f} s)")
-        return head + "\n" + tabulate(
-            rows, headers=["parameter", "zeroed", "non-zero", "status", "ONNX initializer"])
+        notes = [f"problem: {p}" for p in self.problems]
+        notes += [f"not established: {u}" for u in self.unverified]
+        return "\n".join([head, tabulate(rows, headers=[
+            "parameter", "zeroed", "non-zero", "status", "source vs sha256_after",
+            "ONNX initializer"]), *notes])
 
 
 def _orientations(shape: tuple[int, ...], candidate: tuple[int, ...]) -> list[str]:
@@ -256,10 +276,13 @@ def pipeline_params(pipe: DiffusionPipeline, keys: Iterable[str]) -> dict[str, t
 
 
 def audit_export(masks: Mapping[str, torch.Tensor], pipe: DiffusionPipeline, onnx_dir: str | Path,
-                 atol: float = 0.0) -> AuditReport:
+                 atol: float = 0.0, baked: Mapping[str, bool | None] | None = None) -> AuditReport:
     """Audit an exported folder: each masked weight of ``pipe`` must be zero in the ONNX graph.
 
     ``pipe`` is the PyTorch pipeline that was exported (its masked weights must be zero too).
+    ``baked`` says, per masked key, whether the source tensor as stored hashes to the
+    manifest's ``sha256_after`` (None: no hash recorded); without it nothing ties ``pipe`` to
+    the manifest, which the report's ``unverified`` says.
     """
     start = time.perf_counter()
     onnx_dir = Path(onnx_dir)
@@ -273,4 +296,12 @@ def audit_export(masks: Mapping[str, torch.Tensor], pipe: DiffusionPipeline, onn
     results: list[ParamAudit] = []
     for rel, file_masks in by_file.items():
         results += audit_onnx_file(onnx_dir / rel, params, file_masks, label=rel, atol=atol)
-    return AuditReport(results, time.perf_counter() - start)
+    for result in results:
+        matches = None if baked is None else baked.get(result.key)
+        if matches is not None:
+            result.source_sha256 = "matches" if matches else "differs"
+        if matches is False and result.status != "nonzero-in-source":
+            result.status = "source-not-as-baked"
+    unverified = [f"{r.key}: the PyTorch source is not tied to a manifest's sha256_after (none "
+                  "recorded)" for r in results if r.source_sha256 == "not recorded"]
+    return AuditReport(results, time.perf_counter() - start, unverified=unverified)

@@ -4,11 +4,13 @@ They are standalone ``@click.command()`` functions (``export_command``,
 ``verify_onnx_command``, ``generate_command``) that ``memedit.cli`` registers. Exit status:
 0 when everything passed, 1 when parity or the sanitization audit failed (the report is
 printed first), 2 for a user error (:class:`MemeditError`, turned into message and hint by
-the ``memedit`` command group, as for every command).
+the ``memedit`` command group, as for every command), 3 when nothing failed but the
+sanitization is not verifiable (no subspace, or its provenance or hashes are missing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -54,9 +56,13 @@ def _emit(report, as_json: bool) -> None:
     click.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.table())
 
 
+EXIT_FAILED, EXIT_NOT_VERIFIABLE = 1, 3
+
+
 def _run_checked(action, as_json: bool):
-    """Run an export/verify action; print the report; exit 1 if it failed."""
-    from memedit.export.api import VerificationFailed, failure
+    """Run an export/verify action; print the report; exit 1 if it failed, 3 if the
+    sanitization could not be verified."""
+    from memedit.export.api import NOT_VERIFIABLE, VerificationFailed, failure
 
     try:
         report = action()
@@ -68,7 +74,13 @@ def _run_checked(action, as_json: bool):
         click.echo(f"Error: {problem.message}", err=True)
         if problem.hint:
             click.echo(f"Hint: {problem.hint}", err=True)
-        raise click.exceptions.Exit(1)
+        raise click.exceptions.Exit(EXIT_FAILED)
+    if report.verdict == NOT_VERIFIABLE:
+        click.echo(f"Not verifiable: {report.not_established[0]}.", err=True)
+        click.echo("Hint: pass --subspace with the subspace `memedit locate` wrote (kept outside "
+                   "the model folder), or re-export the model that `memedit bake` wrote.",
+                   err=True)
+        raise click.exceptions.Exit(EXIT_NOT_VERIFIABLE)
     return report
 
 
@@ -90,7 +102,11 @@ def _run_checked(action, as_json: bool):
 @_threshold_options
 def export_command(model, out, overwrite, subspace, opset, fp16, parity,
                    optimum_validation, allow_pickle, as_json, threads, **kwargs):
-    """Export MODEL_DIR to ONNX with Optimum, audit the zeroed weights, check parity."""
+    """Export MODEL_DIR to ONNX with Optimum, audit the zeroed weights, check parity.
+
+    Exit status: 0 passed; 1 audit or parity failed (nothing written); 2 user error; 3
+    written, but the audit could not be tied to the subspace's recorded hashes.
+    """
     from memedit.export.api import export_onnx
     from memedit.export.onnx import ExportOptions
 
@@ -112,7 +128,15 @@ def export_command(model, out, overwrite, subspace, opset, fp16, parity,
 @_threshold_options
 def verify_onnx_command(onnx_dir, model, subspace, provider, allow_pickle, as_json, threads,
                         **kwargs):
-    """Check an exported ONNX_DIR against its PyTorch model: parity and sanitization audit."""
+    """Check an exported ONNX_DIR against its PyTorch model: parity and sanitization audit.
+
+    The audit checks the masks against the manifest's counts, the PyTorch tensors against its
+    sha256 after baking, and every zeroed weight in the graph; --subspace (a copy kept outside
+    both folders) must equal the subspace the export stored. Exit status: 0 passed; 1 FAILED;
+    2 user error; 3 NOT VERIFIABLE (nothing failed, but there is no subspace to audit
+    against, or the export's record, its stored subspace or the manifest's hashes are
+    missing).
+    """
     from memedit.export.api import verify_onnx
 
     thresholds, inputs = _parity_args(kwargs)
@@ -141,7 +165,11 @@ def verify_onnx_command(onnx_dir, model, subspace, provider, allow_pickle, as_js
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 def generate_command(prompts, onnx_dir, model, out, overwrite, seed, num_images, steps,
                      guidance_scale, height, width, provider, threads):
-    """Generate images for PROMPTS with an ONNX export (--onnx) or a PyTorch model."""
+    """Generate images for PROMPTS with an ONNX export (--onnx) or a PyTorch model.
+
+    An export whose record (memedit/onnx_export.json) is missing or shows no passed
+    sanitization audit runs with a warning; `memedit verify-onnx` checks it.
+    """
     from PIL import Image
 
     from memedit.outputs import atomic_write_bytes, check_output
@@ -157,17 +185,23 @@ def generate_command(prompts, onnx_dir, model, out, overwrite, seed, num_images,
     read = [onnx_dir, model]
     for path in paths:  # refuse before the slow part
         check_output(path, overwrite, read, kind="file")
+    running = contextlib.nullcontext()
     if onnx_dir is not None:
-        from memedit.export.runtime import load_ort_pipeline
+        from memedit.export.runtime import audit_warning, load_ort_pipeline, ort_failures
 
+        warning = audit_warning(onnx_dir)
+        if warning is not None:
+            click.echo(f"Warning: {warning}", err=True)
         pipe, choice = load_ort_pipeline(onnx_dir, provider, threads)
         click.echo(f"ONNX Runtime on {choice.label}: {choice.reason}", err=True)
+        running = ort_failures(onnx_dir)
     else:
         from memedit.loading import load_pipeline
 
         pipe, source = load_pipeline(model)
         click.echo(f"PyTorch on {pipe.device}: {source.spec}", err=True)
-    images = generate_images(pipe, all_prompts, seeds, config)
+    with running:
+        images = generate_images(pipe, all_prompts, seeds, config)
     for path, image, prompt, image_seed in zip(paths, images, all_prompts, seeds, strict=True):
         buffer = io.BytesIO()
         Image.fromarray((image * 255).round().clip(0, 255).astype("uint8")).save(buffer, "PNG")

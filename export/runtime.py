@@ -5,18 +5,27 @@ reports ``get_device() == "GPU"``) even on a machine without a GPU, and a sessio
 CUDA there silently falls back to CPU. So the only trustworthy test is to create a session
 with CUDA requested and read ``session.get_providers()``. The decision itself is the pure
 function :func:`decide_provider`, so it is testable without a GPU.
+
+Running an export is not verifying it: :func:`audit_warning` reads the record the export
+wrote and says when it vouches for no passed sanitization audit (``generate`` warns then).
+A graph that is corrupt or not the one its folder needs is reported as a
+:class:`MemeditError`, at load or at run time, never as a traceback from ONNX Runtime.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from memedit.errors import MemeditError
+from memedit.export.onnx import EXPORT_RECORD, PROVENANCE_DIR, read_record
 from memedit.sampling import SamplingConfig, generate_images
 
 CUDA = "CUDAExecutionProvider"
@@ -108,6 +117,61 @@ def session_options(threads: int | None = None):
     return options
 
 
+def audit_warning(onnx_dir: str | os.PathLike) -> str | None:
+    """A warning when the export record of ``onnx_dir`` vouches for no passed sanitization
+    audit, else None.
+
+    The record sits in the folder it describes, so a passed one is a claim, not a proof:
+    ``memedit verify-onnx`` re-runs the audit against the PyTorch model.
+    """
+    reason = _unaudited(onnx_dir)
+    return None if reason is None else (
+        f"{onnx_dir}: {reason}. Check it with `memedit verify-onnx {onnx_dir}`.")
+
+
+def _unaudited(onnx_dir: str | os.PathLike) -> str | None:
+    record_path = f"{PROVENANCE_DIR}/{EXPORT_RECORD}"
+    try:
+        record = read_record(onnx_dir)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"its export record ({record_path}) is unreadable"
+    if not record:
+        return (f"it has no export record ({record_path}): whether its sanitization was "
+                "audited is unknown")
+    report = record.get("report") if isinstance(record, dict) else None
+    audit = report.get("audit") if isinstance(report, dict) else None
+    if not isinstance(audit, dict):
+        return "its export ran no sanitization audit (the model carried no memedit subspace)"
+    if audit.get("passed") is not True:
+        return "its export record says the sanitization audit did not pass"
+    if audit.get("unverified"):
+        return ("its export record says the audit could not be tied to the subspace's recorded "
+                "hashes")
+    return None
+
+
+def ort_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's exception types (they derive from Exception directly)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidArgument, state.InvalidGraph, state.InvalidProtobuf,
+            state.NoSuchFile, state.NotImplemented, state.RuntimeException)
+
+
+@contextlib.contextmanager
+def ort_failures(onnx_dir: Path) -> Iterator[None]:
+    """Turn ONNX Runtime's errors on ``onnx_dir`` (corrupt or mismatched graphs) into a
+    MemeditError that names the folder and the way out."""
+    try:
+        yield
+    except ort_errors() as err:
+        raise MemeditError(
+            f"ONNX Runtime cannot run {onnx_dir}: a graph is corrupt or does not fit the "
+            f"pipeline ({type(err).__name__}: {str(err).splitlines()[0]}).",
+            f"Export the model again, or check the folder with `memedit verify-onnx {onnx_dir}`."
+        ) from None
+
+
 def _check_folder(onnx_dir: Path) -> None:
     if not (onnx_dir / "model_index.json").is_file() or not (onnx_dir / "unet" /
                                                               "model.onnx").is_file():
@@ -125,11 +189,14 @@ def load_ort_pipeline(onnx_dir: str | os.PathLike, provider: str = "auto",
     _check_folder(onnx_dir)
     choice = choose_provider(provider)
     try:
-        pipe = ORTDiffusionPipeline.from_pretrained(
-            onnx_dir, provider=choice.provider, session_options=session_options(threads),
-            export=False, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise MemeditError(f"Optimum could not load {onnx_dir}: {err}",
+        with ort_failures(onnx_dir):
+            pipe = ORTDiffusionPipeline.from_pretrained(
+                onnx_dir, provider=choice.provider, session_options=session_options(threads),
+                export=False, local_files_only=True)
+    # Optimum indexes each graph's inputs by name while it builds the pipeline: a graph in
+    # the wrong folder (a text encoder as unet/model.onnx) surfaces as a KeyError.
+    except (OSError, ValueError, KeyError) as err:
+        raise MemeditError(f"Optimum could not load {onnx_dir}: {type(err).__name__}: {err}",
                            "Re-export it with `memedit export --onnx`.") from None
     if choice.provider == CUDA and CUDA not in pipe.unet.session.get_providers():
         # The probe passed but the real model did not get CUDA (e.g. out of GPU memory).
@@ -147,5 +214,9 @@ def generate(onnx_dir: str | os.PathLike, prompts: Sequence[str], seeds: Sequenc
     compared with the PyTorch model's. Returns float images [N, H, W, 3] in [0, 1].
     """
     config = config or SamplingConfig(steps=25)
+    warning = audit_warning(onnx_dir)
+    if warning is not None:
+        logging.getLogger(__name__).warning("%s", warning)
     pipe, choice = load_ort_pipeline(onnx_dir, provider, threads)
-    return generate_images(pipe, list(prompts), list(seeds), config), choice
+    with ort_failures(Path(onnx_dir)):
+        return generate_images(pipe, list(prompts), list(seeds), config), choice

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from memedit.errors import MemeditError
 from memedit.loading import ModelSource, resolve_model
 from memedit.outputs import Inputs, atomic_output_dir, check_output, input_paths
-from memedit.subspace import Subspace
+from memedit.subspace import Subspace, model_identity
 from memedit.weights import read_tensors, rewrite_component, split_key, tensor_sha256
 
 PROVENANCE_DIR = "memedit"
@@ -55,10 +55,21 @@ def check_model_matches(source: ModelSource, subspace: Subspace,
                         allow_pickle: bool = False) -> bool:
     """Refuse a model whose edited tensors differ from those the subspace was located on.
 
-    Returns True when the model is already sanitized with this subspace (baking again is a
-    no-op on the weights: bake is idempotent).
+    The subspace must record each edited tensor's sha256 before and after baking: without
+    them nothing tells this model from any other of the same layout. ``model.identity``, where
+    recorded, pins the UNet's other tensors too. Returns True when the model is already
+    sanitized with this subspace (baking again is a no-op on the weights: bake is idempotent).
     """
-    recorded = subspace.manifest.get("model", {}).get("tensors", {})
+    problems, gaps = subspace.check_manifest()
+    issues = gaps + problems
+    if issues:
+        more = f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""
+        raise MemeditError(
+            f"The subspace cannot be baked: {issues[0]}{more}.",
+            "Use a subspace written by `memedit locate` (it records every edited tensor's "
+            "sha256 before and after, as model.tensors[key].sha256_before/after, and the "
+            "per-layer counts), or locate again on this model.")
+    recorded = subspace.tensor_records()
     stored = read_tensors(source.path, list(subspace.masks), allow_pickle)
     already = True
     for key, mask in subspace.masks.items():
@@ -71,15 +82,21 @@ def check_model_matches(source: ModelSource, subspace: Subspace,
                 f"{tuple(mask.shape)} in the subspace.",
                 "This subspace was located on another model: locate again on this one.")
         digest = tensor_sha256(stored[key])
-        expected = recorded.get(key, {})
-        if digest == expected.get("sha256_after"):
+        if digest == recorded[key]["sha256_after"]:
             continue
         already = False
-        if expected and digest != expected.get("sha256_before"):
+        if digest != recorded[key]["sha256_before"]:
             raise MemeditError(
                 f"{key} in {source.spec} differs from the weights the subspace was located on "
                 "(sha256 mismatch).",
                 "Locate again on this model, or bake the model the subspace came from.")
+    identity = subspace.identity()
+    if identity is not None and identity.get("sha256") != model_identity(
+            source.path, subspace.masks, allow_pickle)["sha256"]:
+        raise MemeditError(
+            f"The UNet of {source.spec} differs from the one the subspace was located on in "
+            "tensors the subspace does not edit (model.identity mismatch).",
+            "Locate again on this model, or bake the model the subspace came from.")
     return already
 
 

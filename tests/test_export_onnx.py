@@ -49,9 +49,19 @@ def sanitized_model_dir(tmp_path_factory):
     pipe = build_tiny_pipeline()
     masks = ffn_masks(pipe)
     from memedit.baking import apply_subspace
+    from memedit.export.audit import pipeline_params
+    from memedit.weights import tensor_sha256
 
     subspace = Subspace(masks, {"format": "memedit-subspace", "format_version": 1})
+    params = pipeline_params(pipe, masks)
+    before = {key: tensor_sha256(param) for key, param in params.items()}
     apply_subspace(pipe, subspace)
+    # The records verify-onnx ties its audit to: hashes before/after zeroing and the counts.
+    subspace.manifest |= {
+        "model": {"tensors": {key: {"sha256_before": before[key],
+                                    "sha256_after": tensor_sha256(param)}
+                              for key, param in params.items()}},
+        "layers": subspace.layer_counts(), "total": subspace.totals()}
     folder = tmp_path_factory.mktemp("sanitized") / "model"
     pipe.save_pretrained(folder, safe_serialization=True)
     subspace.write_into(folder / "memedit")
