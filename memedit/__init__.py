@@ -16,6 +16,7 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0+unknown"
 
 from memedit.baking import BakeResult, apply_subspace, bake
+from memedit.calibration import CalibrationConfig, calibrate
 from memedit.compare import compare_subspaces
 from memedit.errors import MemeditError
 from memedit.inspection import verify_sanitized
@@ -29,6 +30,7 @@ from memedit.subspace import Subspace
 __all__ = [
     "ActivationStats",
     "BakeResult",
+    "CalibrationConfig",
     "LocateConfig",
     "MemeditError",
     "PromptSet",
@@ -37,6 +39,7 @@ __all__ = [
     "__version__",
     "apply_subspace",
     "bake",
+    "calibrate",
     "compare_subspaces",
     "empty_reference",
     "load_pipeline",

@@ -161,6 +161,24 @@ def method_options(func):
                   show_default=True, help="Single weights, or whole input columns (neurons).")
     @click.option("--allow-empty", is_flag=True,
                   help="Write the subspace even if it selects no weight (otherwise an error).")
+    @click.option("--target-rate", type=float, default=None,
+                  help="Choose k instead of --k: the smallest k of the grid whose edit copies at "
+                       "most this share of generations of a validation part of --memorized.")
+    @click.option("--utility-budget", type=float, default=0.03, show_default=True,
+                  help="With --target-rate: the largest utility drop on --ordinary accepted.")
+    @click.option("--validation-fraction", type=float, default=0.3, show_default=True,
+                  help="With --target-rate: the last part of --memorized held back to "
+                       "validate k (never located on).")
+    @click.option("--calibration-ks", default=None,
+                  help="With --target-rate: the k grid, comma-separated (default "
+                       "0.005,0.01,0.015,0.02,0.03,0.04,0.05,0.07,0.1).")
+    @click.option("--calibration-seeds", type=click.IntRange(min=1), default=4,
+                  show_default=True, help="With --target-rate: seeds per validation prompt.")
+    @click.option("--ordinary", type=click.Path(path_type=Path), default=None,
+                  help="With --target-rate: ordinary prompts for the utility cost. Default with "
+                       "the embedded model: its seen scenes.")
+    @click.option("--clip", "clip_dir", type=click.Path(path_type=Path), default=None,
+                  help="With --target-rate: local CLIP model folder; utility = CLIP score.")
     @sampling_options
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -199,6 +217,8 @@ def cli() -> None:
 
 def _locate(opts: dict):
     """Shared by `locate` and `locate-and-bake`: returns (subspace, source)."""
+    from memedit.calibration import calibrate, split_validation
+    from memedit.evaluation.utility import CLIPScorer
     from memedit.loading import load_pipeline
     from memedit.locate import LocateConfig, record_statistics, select_subspace
     from memedit.outputs import atomic_output_dir
@@ -217,7 +237,12 @@ def _locate(opts: dict):
     if opts["memorized"] and opts["memorized_stats"]:
         raise MemeditError("Pass --memorized or --memorized-stats, not both.",
                            "Statistics files replace the prompt file.")
-    memorized = reference = None
+    target = _calibration_config(opts)
+    if target is not None and opts["memorized_stats"]:
+        raise MemeditError("--target-rate validates k on memorized prompts, and statistics "
+                           "files hold none.",
+                           "Pass --memorized (JSONL with each prompt's training image).")
+    memorized = reference = validation = None
     if not opts["memorized_stats"]:
         path = opts["memorized"]
         if path is None:
@@ -228,6 +253,8 @@ def _locate(opts: dict):
 
             path = prompt_file("memorized_locate")
         memorized = read_prompts(path, name="memorized")
+        if target is not None:
+            memorized, validation = split_validation(memorized, target.validation_fraction)
     if not opts["reference_stats"]:
         reference = (read_prompts(opts["reference"], name="reference") if opts["reference"]
                      else empty_reference(1))
@@ -244,8 +271,43 @@ def _locate(opts: dict):
                                "statistics") as folder:
             stats_mem.save(folder / "memorized.stats.safetensors")
             stats_ref.save(folder / "reference.stats.safetensors")
+    if validation is not None:
+        return calibrate(pipe, stats_mem, stats_ref, validation, _ordinary(opts), config,
+                         target, source,
+                         CLIPScorer(opts["clip_dir"]) if opts["clip_dir"] else None)[0], source
     return select_subspace(pipe, stats_mem, stats_ref, config, source,
                            allow_empty=opts["allow_empty"]), source
+
+
+def _calibration_config(opts: dict):
+    from memedit.calibration import DEFAULT_KS, CalibrationConfig
+
+    if opts["target_rate"] is None:
+        return None
+    ks = DEFAULT_KS
+    if opts["calibration_ks"]:
+        try:
+            ks = tuple(float(v) for v in opts["calibration_ks"].split(",") if v.strip())
+        except ValueError:
+            raise MemeditError(f"--calibration-ks must be comma-separated numbers, got "
+                               f"{opts['calibration_ks']!r}.",
+                               "For example 0.01,0.02,0.03.") from None
+    return CalibrationConfig(opts["target_rate"], ks, opts["utility_budget"],
+                             opts["validation_fraction"],
+                             tuple(range(100, 100 + opts["calibration_seeds"])))
+
+
+def _ordinary(opts: dict):
+    from memedit.prompts import read_prompts
+
+    if opts["ordinary"] is not None:
+        return read_prompts(opts["ordinary"], name="ordinary")
+    if opts["model"] is not None:
+        raise MemeditError("--target-rate measures the edit's cost on ordinary prompts.",
+                           "Pass --ordinary FILE (and --clip FOLDER for the CLIP score).")
+    from memedit.testbed import prompt_file
+
+    return read_prompts(prompt_file("ordinary_seen"), name="ordinary-seen")
 
 
 def _inputs(opts: dict) -> list[Path]:
@@ -253,7 +315,8 @@ def _inputs(opts: dict) -> list[Path]:
     from memedit.loading import resolve_model
 
     return [resolve_model(opts["model"], opts["allow_pickle"]).path, opts["memorized"],
-            opts["reference"], *opts["memorized_stats"], *opts["reference_stats"]]
+            opts["reference"], opts["ordinary"], opts["clip_dir"], *opts["memorized_stats"],
+            *opts["reference_stats"]]
 
 
 @contextlib.contextmanager
@@ -273,7 +336,9 @@ def _held_outputs(out: Path, opts: dict) -> Iterator[list[Path]]:
 def _subspace_summary(subspace) -> dict:
     return {"method": subspace.manifest["method"], "model": subspace.manifest["model"]["spec"],
             "prompts": subspace.manifest["prompts"], "layers": subspace.layer_counts(),
-            "total": subspace.totals()}
+            "total": subspace.totals()} | (
+        {"calibration": subspace.manifest["calibration"]}
+        if "calibration" in subspace.manifest else {})
 
 
 def _render_subspace(summary: dict) -> str:
@@ -286,8 +351,16 @@ def _render_subspace(summary: dict) -> str:
     head = (f"model: {summary['model']}\nmethod: k={method['k']} tau={method['tau']} "
             f"rho={method['rho']} granularity={method['granularity']} "
             f"targets={','.join(method['targets'])}\n")
-    return head + tabulate(rows, headers=["tensor", "zeroed", "of", "fraction"],
+    text = head + tabulate(rows, headers=["tensor", "zeroed", "of", "fraction"],
                            colalign=("left", "right", "right", "right"))
+    if "calibration" in summary:
+        from memedit.calibration import calibration_table
+
+        record = summary["calibration"]
+        text += (f"\n\nk calibrated on {record['validation']['count']} validation prompts: "
+                 f"copies <= {record['target_rate']}, {record['utility']} drop <= "
+                 f"{record['utility_budget']}\n" + calibration_table(record))
+    return text
 
 
 @cli.command("locate")

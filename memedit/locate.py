@@ -8,6 +8,7 @@ import copy
 import hashlib
 import platform
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -19,9 +20,12 @@ from memedit.prompts import PromptSet, empty_reference
 from memedit.sampling import SamplingConfig, batches, run_pipeline
 from memedit.selection import GRANULARITIES, select_layer
 from memedit.statistics import ActivationStats
-from memedit.subspace import FORMAT, FORMAT_VERSION, Subspace
+from memedit.subspace import FORMAT, FORMAT_VERSION, Subspace, model_identity
 from memedit.targets import TARGET_KINDS, TargetLayer, find_target_layers, parse_target_kinds
 from memedit.weights import read_tensors, split_key, tensor_sha256, zero_masked
+
+if TYPE_CHECKING:
+    from memedit.calibration import CalibrationConfig
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,9 @@ def build_manifest(pipe, source: ModelSource | None, masks: dict[str, torch.Tens
             "hub_id": source.hub_id if source else None,
             "path": str(source.path) if source else None,
             "tensors": tensors,
+            # The UNet's other tensors (None for an in-memory pipeline: no files to hash).
+            "identity": (model_identity(source.path, list(masks), source.allow_pickle)
+                         if source else None),
         },
         "prompts": {"memorized": memorized.prompt_sets, "reference": reference.prompt_sets},
         "layers": layers,
@@ -218,15 +225,33 @@ def build_manifest(pipe, source: ModelSource | None, masks: dict[str, torch.Tens
 
 def locate(pipe, memorized: PromptSet, reference: PromptSet | None = None,
            config: LocateConfig | None = None, source: ModelSource | None = None,
-           progress: bool = True, allow_empty: bool = False) -> Subspace:
+           progress: bool = True, allow_empty: bool = False,
+           target: CalibrationConfig | None = None, ordinary: PromptSet | None = None,
+           clip=None) -> Subspace:
     """Find the memorization subspace of ``pipe``.
 
     ``reference`` defaults to the empty prompt (the authors' default). Since every prompt uses
     the same seed and statistics are normalised by prompt count, one empty prompt gives exactly
     the statistics of one empty prompt per memorized prompt, at a fraction of the cost.
+
+    With ``target`` (see :mod:`memedit.calibration`), k is not ``config.k`` but the smallest
+    k of ``target.ks`` whose edit copies at most ``target.target_rate`` on a validation part
+    split off ``memorized``, within ``target.utility_budget`` on the ``ordinary`` prompts
+    (scene utility, or the CLIP score with ``clip``); the curve goes into the manifest.
     """
+    from memedit.calibration import calibrate, split_validation
+
     config = config or LocateConfig()
     reference = reference if reference is not None else empty_reference(1)
+    validation = None
+    if target is not None:
+        if ordinary is None:
+            raise MemeditError("Calibrating k needs ordinary prompts to measure its cost.",
+                               "Pass ordinary prompts (--ordinary FILE).")
+        memorized, validation = split_validation(memorized, target.validation_fraction)
     stats_mem = record_statistics(pipe, memorized, config, source, progress)
     stats_ref = record_statistics(pipe, reference, config, source, progress)
-    return select_subspace(pipe, stats_mem, stats_ref, config, source, allow_empty)
+    if validation is None:
+        return select_subspace(pipe, stats_mem, stats_ref, config, source, allow_empty)
+    return calibrate(pipe, stats_mem, stats_ref, validation, ordinary, config, target, source,
+                     clip, progress)[0]

@@ -202,10 +202,13 @@ def test_overwrite_and_source_protection(tiny_model_dir, tmp_path):
     out.mkdir()
     with pytest.raises(MemeditError, match="exists already"):
         export_onnx(tiny_model_dir, out, QUICK, parity=False)
-    with pytest.raises(MemeditError, match="inside the source model"):
+    with pytest.raises(MemeditError, match="inside the input"):
         export_onnx(tiny_model_dir, tiny_model_dir / "onnx", QUICK, parity=False)
-    report = export_onnx(tiny_model_dir, out, QUICK, overwrite=True, parity=False)
-    assert report.parity is None and (out / "unet/model.onnx").is_file()
+    with pytest.raises(MemeditError, match="was not written by memedit"):
+        export_onnx(tiny_model_dir, out, QUICK, overwrite=True, parity=False)
+    export_onnx(tiny_model_dir, tmp_path / "onnx", QUICK, parity=False)
+    report = export_onnx(tiny_model_dir, tmp_path / "onnx", QUICK, overwrite=True, parity=False)
+    assert report.parity is None and (tmp_path / "onnx/unet/model.onnx").is_file()
 
 
 def test_fp16_on_cpu_is_refused_clearly(tiny_model_dir, tmp_path):

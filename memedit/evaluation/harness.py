@@ -22,15 +22,28 @@ from tqdm.auto import tqdm
 
 from memedit.baking import apply_subspace
 from memedit.errors import MemeditError
-from memedit.evaluation.controls import nemo_masks, random_like
+from memedit.evaluation.controls import (
+    detector_copy_check,
+    image_copy_check,
+    nemo_faithful,
+    nemo_masks,
+    random_like,
+)
 from memedit.evaluation.detector import (
     DetectorConfig,
     auroc,
     detector_scores,
+    scheduler_name,
     text_noise_magnitudes,
 )
 from memedit.evaluation.similarity import MEASURES, Scorer, aggregate_ground_truths, resize
-from memedit.evaluation.utility import CLIPScorer, drift, scene_scorer, scene_utility
+from memedit.evaluation.utility import (
+    CLIPScorer,
+    drift,
+    headline,
+    scene_scorer,
+    scene_utility,
+)
 from memedit.locate import LocateConfig, record_statistics, select_subspace
 from memedit.prompts import PromptSet, empty_reference
 from memedit.sampling import SamplingConfig, generate_images
@@ -52,7 +65,8 @@ class EvalSettings:
     measure: str = "mse"
     thresholds: tuple[float, ...] | None = None  # None: the measure's defaults
     gt_aggregate: str = "max"
-    detector_steps: int = 5
+    detector_steps: int | None = 5  # None: every step
+    detector_scheduler: str = "pipeline"  # or "ddim", as Wen et al.
     grid_prompts: int = 4
     progress: bool = True
 
@@ -89,7 +103,9 @@ class EvalSettings:
             },
             "detector": {
                 "name": "Wen et al. 2024: ||eps(x_t, c) - eps(x_t, '')|| / sqrt(D)",
-                "steps": self.detector_steps,
+                "steps": "all" if self.detector_steps is None else self.detector_steps,
+                "scheduler": "DDIM (Wen et al.'s set-up)" if self.detector_scheduler == "ddim"
+                else "the pipeline's own (class per variant: detector.scheduler)",
                 "per_prompt": "mean over the first steps, then over the memorized seeds "
                               "(for ordinary prompts too)",
                 "auroc": "memorized (positive) vs ordinary prompts, per-prompt scores",
@@ -281,8 +297,8 @@ def evaluate_variant(variant: Variant, groups: dict[str, PromptSet], ordinary: P
     """Generate and score one variant on every group and the ordinary prompts."""
     pipe, sampling = variant.pipe, settings.sampling
     memorization, grid = {}, {}
-    detector_cfg = DetectorConfig(settings.detector_steps, sampling)
-    detector: dict = {"per_prompt": {}}
+    detector_cfg = DetectorConfig(settings.detector_steps, sampling, settings.detector_scheduler)
+    detector: dict = {"scheduler": scheduler_name(pipe, detector_cfg), "per_prompt": {}}
     with masks_applied(pipe, variant.masks):
         for name, group in groups.items():
             if scorers:
@@ -348,6 +364,20 @@ def _utility(images: np.ndarray, ordinary: PromptSet, settings: EvalSettings,
         moved = drift(list(images), list(original))
         out["drift_from_original"] = {name: _summary(v) for name, v in moved.items()}
     return out
+
+
+def utility_figures(images: np.ndarray, ordinary: PromptSet, settings: EvalSettings,
+                    clip: CLIPScorer | None = None) -> dict[str, float]:
+    """The headline utility numbers of ordinary generations, by name: the scene utility
+    (prompts with scenes, as the embedded model's) and the CLIP score (with a CLIP model)."""
+    found = _utility(images, ordinary, settings, clip, None)
+    figures = {}
+    if "scene" in found:
+        key = headline(found["scene"])
+        figures[f"scene utility ({key})"] = found["scene"][key]
+    if "clip_score" in found:
+        figures["CLIP score"] = found["clip_score"]["mean"]
+    return figures
 
 
 def _scorers(settings: EvalSettings, sscd) -> dict[str, Scorer]:
@@ -457,7 +487,8 @@ def evaluate(model_pipe, inputs: Inputs, settings: EvalSettings, baseline_pipe=N
                                     random_like(model_subspace.masks, seed=0),
                                     info={"seed": 0, "matched_to": "sanitized"}))
         elif control == "nemo":
-            variants.append(_nemo_variant(baseline_pipe, inputs, nemo_options or {}))
+            variants.append(_nemo_variant(baseline_pipe, inputs, nemo_options or {}, settings,
+                                          scorers))
         else:
             raise MemeditError(f"Unknown control {control!r}.", "Use random and/or nemo.")
     results = _run_variants(variants, groups, inputs, settings, scorers)
@@ -490,7 +521,7 @@ def sweep(pipe, inputs: Inputs, settings: EvalSettings, ks: Sequence[float],
                                     random_like(subspace.masks, seed=0), k,
                                     info={"seed": 0, "matched_to": f"located k={k:g}"}))
     if "nemo" in controls:
-        variants.append(_nemo_variant(pipe, inputs, nemo_options or {}))
+        variants.append(_nemo_variant(pipe, inputs, nemo_options or {}, settings, scorers))
     results = _run_variants(variants, groups, inputs, settings, scorers)
     return EvaluationResult(settings, groups, inputs.ordinary, results, notes,
                             calibration | {"locate": {"ks": list(ks), "tau": locate_config.tau,
@@ -525,13 +556,33 @@ def _located_on_notes(subspace: Subspace | None, inputs: Inputs) -> list[str]:
     return notes
 
 
-def _nemo_variant(pipe, inputs: Inputs, options: dict) -> Variant:
+def _nemo_variant(pipe, inputs: Inputs, options: dict, settings: EvalSettings,
+                  scorers: dict[str, Scorer]) -> Variant:
+    """NeMo on the locate prompts. ``options``: ``mode`` (``simplified``, the default, or
+    ``faithful``), ``reference``; simplified: ``z_threshold``, ``max_per_prompt``; faithful:
+    ``seeds`` and ``steps``, the budget of each copy check in its loop (evaluate's measure and
+    first threshold where the prompts have training images, else the detector)."""
     prompts = inputs.locate_prompts or inputs.memorized
-    options = dict(options)
-    reference = options.pop("reference", None) or inputs.ordinary
-    selection = nemo_masks(pipe, prompts, reference, **options)
-    settings = selection.settings | {"memorized_prompts": prompts.name}
-    return Variant("nemo", "nemo", pipe, selection.masks, info=settings)
+    reference = options.get("reference") or inputs.ordinary
+    if options.get("mode", "simplified") == "simplified":
+        selection = nemo_masks(pipe, prompts, reference,
+                               **{k: options[k] for k in ("z_threshold", "max_per_prompt")
+                                  if k in options})
+    else:
+        sampling = replace(settings.sampling, steps=options.get("steps", 20))
+        seeds = tuple(range(options.get("seeds", 2)))  # from 0: away from evaluation's seeds
+        if scorers and settings.resolved_thresholds:
+            check = image_copy_check(pipe, sampling, seeds, scorers[settings.measure],
+                                     settings.resolved_thresholds[0], settings.gt_aggregate)
+        else:
+            check = detector_copy_check(
+                pipe, DetectorConfig(settings.detector_steps, sampling,
+                                     settings.detector_scheduler), seeds, reference)
+        with tqdm(total=len(prompts), desc="NeMo", unit="prompt",
+                  disable=not settings.progress, leave=False) as bar:
+            selection = nemo_faithful(pipe, prompts, reference, check, progress=bar)
+    info = selection.settings | {"memorized_prompts": prompts.name}
+    return Variant("nemo", "nemo", pipe, selection.masks, info=info)
 
 
 def _run_variants(variants: list[Variant], groups: dict[str, PromptSet], inputs: Inputs,
