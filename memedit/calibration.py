@@ -7,6 +7,11 @@ applied in memory and judged on a *validation* part of the memorized prompts, sp
 prompts it is located on, never the held-out ones a later ``evaluate`` reports: the smallest k
 whose validation copy rate is at most R is chosen, provided its cost in utility on ordinary
 prompts stays within a budget. Otherwise nothing is written and the curve says why.
+
+Copies are cheap to measure (a few validation prompts); utility is not (it needs many ordinary
+generations to be outside the noise of a 0.03 budget), so it is measured for the original and
+for the chosen k only: a larger k zeroes a superset of the weights, so when the smallest k that
+removes the copies costs too much, no larger one is tried.
 """
 
 from __future__ import annotations
@@ -22,10 +27,9 @@ from memedit.evaluation.harness import (
     masks_applied,
     score_group,
     split_memorized,
-    utility_figures,
 )
 from memedit.evaluation.similarity import Scorer
-from memedit.evaluation.utility import CLIPScorer
+from memedit.evaluation.utility import CLIPScorer, headline, scene_scorer
 from memedit.locate import LocateConfig, select_subspace
 from memedit.prompts import PromptSet
 from memedit.sampling import generate_images
@@ -42,7 +46,9 @@ class CalibrationConfig:
     ``target_rate``: the highest copy rate accepted on the validation prompts (share of
     generations within the copy threshold of their training image). ``utility_budget``: the
     largest drop in the utility figure (scene utility with the embedded model's scenes, else
-    the CLIP score) from the original that is accepted. ``seeds``: per validation prompt.
+    the CLIP score) from the original that is accepted. ``seeds``: per validation prompt;
+    ``ordinary_seeds``: per ordinary prompt (the utility is compared image by image, paired
+    by prompt and seed, and its standard error reported).
     """
 
     target_rate: float
@@ -50,6 +56,7 @@ class CalibrationConfig:
     utility_budget: float = 0.03
     validation_fraction: float = 0.3
     seeds: tuple[int, ...] = (100, 101, 102, 103)
+    ordinary_seeds: tuple[int, ...] = (100, 101, 102, 103)
     threshold: float = 0.01  # pixel MSE, as `evaluate`'s default measure
 
     def __post_init__(self) -> None:
@@ -66,21 +73,26 @@ class CalibrationConfig:
         if not 0 < self.validation_fraction < 1:
             raise MemeditError(f"--validation-fraction must be in (0, 1), got "
                                f"{self.validation_fraction}.", "For example 0.3.")
-        if not self.seeds:
-            raise MemeditError("Calibration needs at least one seed.", "Pass --seeds 4.")
+        if not self.seeds or not self.ordinary_seeds:
+            raise MemeditError("Calibration needs at least one seed.",
+                               "Pass --calibration-seeds 4.")
+
+
 
 
 @dataclass(frozen=True)
 class CalibrationPoint:
-    """One k on the curve (k = 0 is the original model)."""
+    """One k on the curve (k = 0 is the original model). Utility is measured for the
+    original and the k that meets the target only (None elsewhere)."""
 
     k: float
     zeroed: int
     copy_rate: float
     near_copy_rate: float  # within twice the threshold: what an attacker starts from
     median_mse: float
-    utility: float
-    utility_drop: float
+    utility: float | None = None
+    utility_drop: float | None = None  # original minus this k, paired image by image
+    utility_drop_se: float | None = None
 
 
 @dataclass
@@ -97,7 +109,8 @@ class Calibration:
         return {"target_rate": self.config.target_rate,
                 "utility_budget": self.config.utility_budget,
                 "utility": self.utility_name, "measure": f"pixel MSE < {self.config.threshold}",
-                "seeds": list(self.config.seeds), "ks": list(self.config.ks),
+                "seeds": list(self.config.seeds),
+                "ordinary_seeds": list(self.config.ordinary_seeds), "ks": list(self.config.ks),
                 "validation": self.validation, "chosen_k": self.chosen_k,
                 "curve": [asdict(p) for p in self.points]}
 
@@ -109,13 +122,18 @@ def calibration_table(record: dict) -> str:
     """The curve of a calibration record (as stored in a manifest) as a readable table."""
     from tabulate import tabulate
 
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     rows = [["original" if p["k"] == 0 else f"{p['k']:g}", f"{p['zeroed']:,}",
              f"{p['copy_rate']:.2f}", f"{p['near_copy_rate']:.2f}", f"{p['median_mse']:.4f}",
-             f"{p['utility']:.3f}", f"{p['utility_drop']:+.3f}",
+             number(p["utility"], ".3f"),
+             "-" if p["utility_drop"] is None or p["k"] == 0 else
+             f"{p['utility_drop']:+.3f} ± {p['utility_drop_se']:.3f}",
              "<- chosen" if p["k"] == record["chosen_k"] else ""]
             for p in record["curve"]]
     return tabulate(rows, headers=["k", "zeroed", "copies", "near copies", "median MSE",
-                                   record["utility"], "drop", ""])
+                                   record["utility"], "drop ± s.e.", ""])
 
 
 def split_validation(memorized: PromptSet, fraction: float) -> tuple[PromptSet, PromptSet]:
@@ -123,23 +141,39 @@ def split_validation(memorized: PromptSet, fraction: float) -> tuple[PromptSet, 
     return split_memorized(memorized, 1 - fraction)
 
 
-def _measure(pipe, masks, validation: PromptSet, ordinary: PromptSet, settings: EvalSettings,
-             scorer: Scorer, threshold: float,
-             clip: CLIPScorer | None) -> tuple[float, float, float, dict]:
-    """Validation copy rate, near-copy rate, median MSE, and the utility figures."""
+def _copies(pipe, masks, validation: PromptSet, settings: EvalSettings, scorer: Scorer,
+            threshold: float) -> tuple[float, float, float]:
+    """Copy rate, near-copy rate and median pixel MSE of the validation generations."""
+    prompts = [p for p in validation.prompts for _ in settings.seeds]
+    seeds = [s for _ in validation.prompts for s in settings.seeds]
     with masks_applied(pipe, masks):
-        prompts = [p for p in validation.prompts for _ in settings.seeds]
-        seeds = [s for _ in validation.prompts for s in settings.seeds]
         images = generate_images(pipe, prompts, seeds, settings.sampling)
-        scores = score_group(images, validation, settings, {"mse": scorer})
-        ordinary_prompts = [p for p in ordinary.prompts for _ in settings.ordinary_seeds]
-        ordinary_seeds = [s for _ in ordinary.prompts for s in settings.ordinary_seeds]
-        ordinary_images = generate_images(pipe, ordinary_prompts, ordinary_seeds,
-                                          settings.sampling)
+    scores = score_group(images, validation, settings, {"mse": scorer})
     table = np.array([row["mse"] for row in scores["per_prompt"]])
-    figures = utility_figures(ordinary_images, ordinary, settings, clip)
     return (float((table < threshold).mean()), float((table < 2 * threshold).mean()),
-            float(np.median(table)), figures)
+            float(np.median(table)))
+
+
+def utility_values(pipe, masks, ordinary: PromptSet, settings: EvalSettings,
+                   clip: CLIPScorer | None) -> tuple[str, np.ndarray] | None:
+    """Per ordinary generation (prompt-major, ``settings.ordinary_seeds``), the utility
+    figure: the scene score where every prompt carries a scene and a scorer exists, else the
+    CLIP score with ``clip``; None when neither can be measured."""
+    scorer = scene_scorer()
+    scenes = scorer is not None and all(r.extra.get("scene") for r in ordinary.records)
+    if not scenes and clip is None:
+        return None
+    records = [r for r in ordinary.records for _ in settings.ordinary_seeds]
+    seeds = [s for _ in ordinary.records for s in settings.ordinary_seeds]
+    with masks_applied(pipe, masks):
+        images = generate_images(pipe, [r.prompt for r in records], seeds, settings.sampling)
+    if scenes:
+        scored = [scorer(image, r.extra["scene"]) for image, r in zip(images, records,
+                                                                       strict=True)]
+        key = headline(scored[0])
+        return f"scene utility ({key})", np.array([float(s[key]) for s in scored])
+    return "CLIP score", clip.scores(list(images), [r.prompt for r in records],
+                                     settings.sampling.batch_size)
 
 
 def calibrate(pipe, memorized: ActivationStats, reference: ActivationStats,
@@ -153,56 +187,54 @@ def calibrate(pipe, memorized: ActivationStats, reference: ActivationStats,
     from tqdm.auto import tqdm
 
     settings = EvalSettings(sampling=config.sampling, seeds=calibration.seeds,
-                            ordinary_seeds=calibration.seeds[:1], measure="mse",
+                            ordinary_seeds=calibration.ordinary_seeds, measure="mse",
                             thresholds=(calibration.threshold,), progress=False)
     scorer = Scorer("mse")
     if not check_ground_truths({"validation": validation}, scorer):
         raise MemeditError("Calibration measures copies of the validation prompts' training "
                            "images, and they name none.",
                            "Pass memorized prompts as JSONL with an `image` field per prompt.")
-    result = Calibration(calibration, "", {"name": validation.name, "count": len(validation),
-                                           "sha256": validation.sha256,
-                                           "ordinary": ordinary.name,
-                                           "ordinary_sha256": ordinary.sha256})
-    bar = tqdm(total=len(calibration.ks) + 1, desc="calibrating k", unit="k",
-               disable=not progress)
-    rate, near, median, figures = _measure(pipe, None, validation, ordinary, settings, scorer,
-                                           calibration.threshold, clip)
-    if not figures:
+    original = utility_values(pipe, None, ordinary, settings, clip)
+    if original is None:
         raise MemeditError("Calibration needs a utility measure on the ordinary prompts: "
                            "scenes (the embedded model's prompts) or a CLIP model.",
                            "Pass ordinary prompts with `scene` fields, or --clip FOLDER.")
-    result.utility_name, original_utility = next(iter(figures.items()))
-    result.points.append(CalibrationPoint(0.0, 0, rate, near, median, original_utility, 0.0))
-    bar.update(1)
+    name, before = original
+    result = Calibration(calibration, name, {"name": validation.name, "count": len(validation),
+                                             "sha256": validation.sha256,
+                                             "ordinary": ordinary.name,
+                                             "ordinary_sha256": ordinary.sha256})
+    result.points.append(CalibrationPoint(0.0, 0, *_copies(pipe, None, validation, settings,
+                                                           scorer, calibration.threshold),
+                                          float(before.mean()), 0.0, 0.0))
     chosen = None
-    for k in calibration.ks:
+    for k in tqdm(calibration.ks, desc="calibrating k", unit="k", disable=not progress):
         subspace = select_subspace(pipe, memorized, reference, replace(config, k=k), source,
                                    allow_empty=True)
-        rate, near, median, figures = _measure(pipe, subspace.masks, validation, ordinary,
-                                               settings, scorer, calibration.threshold, clip)
-        utility = figures[result.utility_name]
-        result.points.append(CalibrationPoint(k, subspace.num_selected, rate, near, median,
-                                              utility, utility - original_utility))
-        bar.update(1)
-        if original_utility - utility > calibration.utility_budget:
-            break  # a larger k zeroes a superset of these weights: not tried
-        if rate <= calibration.target_rate:
+        point = CalibrationPoint(k, subspace.num_selected,
+                                 *_copies(pipe, subspace.masks, validation, settings, scorer,
+                                          calibration.threshold))
+        if point.copy_rate <= calibration.target_rate:
+            after = utility_values(pipe, subspace.masks, ordinary, settings, clip)[1]
+            drop = before - after
+            point = replace(point, utility=float(after.mean()), utility_drop=float(drop.mean()),
+                            utility_drop_se=float(drop.std(ddof=1) / np.sqrt(len(drop))))
             chosen = subspace
+        result.points.append(point)
+        if chosen is not None:
             break
-    bar.close()
-    if chosen is None:
-        last = result.points[-1]
-        why = (f"k = {last.k:g} already costs {original_utility - last.utility:.3f} "
-               f"{result.utility_name}, over the budget of {calibration.utility_budget}"
-               if original_utility - last.utility > calibration.utility_budget else
-               f"the largest k = {last.k:g} still copies {last.copy_rate:.2f}")
+    last = result.points[-1]
+    if chosen is None or last.utility_drop > calibration.utility_budget:
+        why = (f"the largest k = {last.k:g} still copies {last.copy_rate:.2f}" if chosen is None
+               else f"the smallest k that does, {last.k:g}, costs {last.utility_drop:.3f} "
+                    f"(± {last.utility_drop_se:.3f}) {name}, over the budget of "
+                    f"{calibration.utility_budget}")
         raise MemeditError(
             f"No k reaches a copy rate of {calibration.target_rate} on the "
             f"{len(validation)} validation prompts within the utility budget: {why}.\n"
             + result.table(),
             "Accept a higher --target-rate or --utility-budget, add targets (--targets "
             "ff_out,ff_in), or extend the grid (--calibration-ks).")
-    result.chosen_k = chosen.manifest["method"]["k"]
+    result.chosen_k = k
     chosen.manifest["calibration"] = result.to_dict()
     return chosen, result

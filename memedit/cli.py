@@ -173,7 +173,8 @@ def method_options(func):
                   help="With --target-rate: the k grid, comma-separated (default "
                        "0.005,0.01,0.015,0.02,0.03,0.04,0.05,0.07,0.1).")
     @click.option("--calibration-seeds", type=click.IntRange(min=1), default=4,
-                  show_default=True, help="With --target-rate: seeds per validation prompt.")
+                  show_default=True,
+                  help="With --target-rate: seeds per validation and per ordinary prompt.")
     @click.option("--ordinary", type=click.Path(path_type=Path), default=None,
                   help="With --target-rate: ordinary prompts for the utility cost. Default with "
                        "the embedded model: its seen scenes.")
@@ -292,9 +293,9 @@ def _calibration_config(opts: dict):
             raise MemeditError(f"--calibration-ks must be comma-separated numbers, got "
                                f"{opts['calibration_ks']!r}.",
                                "For example 0.01,0.02,0.03.") from None
+    seeds = tuple(range(100, 100 + opts["calibration_seeds"]))
     return CalibrationConfig(opts["target_rate"], ks, opts["utility_budget"],
-                             opts["validation_fraction"],
-                             tuple(range(100, 100 + opts["calibration_seeds"])))
+                             opts["validation_fraction"], seeds, seeds)
 
 
 def _ordinary(opts: dict):

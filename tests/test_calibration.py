@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -28,53 +29,74 @@ def inputs(tmp_path_factory):
     return memorized, ordinary
 
 
-def fake_measure(curve: dict[float, tuple[float, float]]):
-    """A _measure stand-in: k (by zeroed count order) -> (copy rate, utility)."""
-    calls = []
+def fake_measures(monkeypatch, rates: list[float], utilities: dict[int, float]):
+    """Stand-ins for the two measurements: the n-th copy measurement gives ``rates[n]`` (n = 0
+    is the original); the utility of the original is 0.5, of the chosen k ``utilities[n]``."""
+    calls = {"copies": 0, "utility": []}
 
-    def measure(pipe, masks, validation, ordinary, settings, scorer, threshold, clip):
-        zeroed = 0 if masks is None else sum(int(m.sum()) for m in masks.values())
-        calls.append((zeroed, validation.prompts))
-        rate, utility = curve[len(calls) - 1]
-        return rate, min(1.0, 2 * rate), 0.01, {"scene utility (all)": utility}
+    def copies(pipe, masks, validation, settings, scorer, threshold):
+        rate = rates[calls["copies"]]
+        calls["copies"] += 1
+        return rate, min(1.0, 2 * rate), 0.01
 
-    return measure, calls
+    def utility(pipe, masks, ordinary, settings, clip):
+        calls["utility"].append(calls["copies"] - 1)
+        value = 0.5 if masks is None else utilities[calls["copies"] - 1]
+        return "scene utility (overall)", np.full(8, value) + np.linspace(-0.01, 0.01, 8)
+
+    monkeypatch.setattr(calibration, "_copies", copies)
+    monkeypatch.setattr(calibration, "utility_values", utility)
+    return calls
 
 
-# Call 0 measures the original, call i the i-th k of (0.005, 0.01, 0.02, 0.05).
-@pytest.mark.parametrize(("curve", "chosen"), [
-    ({0: (0.9, 0.5), 1: (0.6, 0.5), 2: (0.3, 0.49), 3: (0.04, 0.48), 4: (0.0, 0.3)}, 0.02),
-    ({0: (0.9, 0.5), 1: (0.05, 0.5), 2: (0.0, 0.5), 3: (0.0, 0.5)}, 0.005),
-])
-def test_chooses_the_smallest_k_that_meets_the_target(tiny_pipe, inputs, monkeypatch, curve,
-                                                      chosen):
-    memorized, ordinary = inputs
-    measure, _ = fake_measure(curve)
-    monkeypatch.setattr(calibration, "_measure", measure)
+@pytest.fixture()
+def statistics(tiny_pipe, inputs):
+    memorized, _ = inputs
     located, validation = split_validation(memorized, 0.3)
     stats = record_statistics(tiny_pipe, located, CONFIG, progress=False)
     reference = record_statistics(tiny_pipe, memedit.empty_reference(1), CONFIG, progress=False)
+    return stats, reference, validation
+
+
+# Copy measurement 0 is the original, n the n-th k of (0.005, 0.01, 0.02, 0.05).
+@pytest.mark.parametrize(("rates", "chosen"), [
+    ([0.9, 0.6, 0.3, 0.04, 0.0], 0.02),
+    ([0.9, 0.05, 0.0, 0.0, 0.0], 0.005),
+])
+def test_chooses_the_smallest_k_that_meets_the_target(tiny_pipe, inputs, statistics,
+                                                      monkeypatch, rates, chosen):
+    calls = fake_measures(monkeypatch, rates, {n: 0.49 for n in range(5)})
+    stats, reference, validation = statistics
     target = CalibrationConfig(0.05, ks=(0.005, 0.01, 0.02, 0.05))
-    subspace, result = memedit.calibrate(tiny_pipe, stats, reference, validation, ordinary,
+    subspace, result = memedit.calibrate(tiny_pipe, stats, reference, validation, inputs[1],
                                          CONFIG, target, progress=False)
     assert result.chosen_k == chosen == subspace.manifest["method"]["k"]
+    # Utility is measured for the original and the chosen k only: it is the costly part.
+    assert calls["utility"] == [-1, target.ks.index(chosen) + 1]
     record = subspace.manifest["calibration"]
     assert record["chosen_k"] == chosen and record["target_rate"] == 0.05
-    assert [p["k"] for p in record["curve"]][-1] == chosen
+    assert record["curve"][-1]["utility_drop"] == pytest.approx(0.01)
+    assert record["curve"][-1]["utility_drop_se"] == pytest.approx(0.0)
+    assert "<- chosen" in result.table()
     json.dumps(subspace.manifest)  # the manifest stays plain JSON
 
 
-def test_refuses_when_no_k_fits_the_utility_budget(tiny_pipe, inputs, monkeypatch):
-    memorized, ordinary = inputs
-    measure, calls = fake_measure({0: (0.9, 0.5), 1: (0.5, 0.49), 2: (0.2, 0.40)})
-    monkeypatch.setattr(calibration, "_measure", measure)
-    located, validation = split_validation(memorized, 0.3)
-    stats = record_statistics(tiny_pipe, located, CONFIG, progress=False)
-    reference = record_statistics(tiny_pipe, memedit.empty_reference(1), CONFIG, progress=False)
-    with pytest.raises(MemeditError, match=r"costs 0\.100 scene utility"):
-        memedit.calibrate(tiny_pipe, stats, reference, validation, ordinary, CONFIG,
-                          CalibrationConfig(0.05, ks=(0.01, 0.02, 0.05)), progress=False)
-    assert len(calls) == 3  # stopped at the first k over budget, the larger one not tried
+def test_refuses_when_the_smallest_k_that_works_costs_too_much(tiny_pipe, inputs, statistics,
+                                                               monkeypatch):
+    calls = fake_measures(monkeypatch, [0.9, 0.5, 0.0, 0.0], {2: 0.40})
+    stats, reference, validation = statistics
+    with pytest.raises(MemeditError, match=r"0\.01, costs 0\.100 \(± 0\.000\) scene"):
+        memedit.calibrate(tiny_pipe, stats, reference, validation, inputs[1], CONFIG,
+                          CalibrationConfig(0.05, ks=(0.005, 0.01, 0.05)), progress=False)
+    assert calls["copies"] == 3  # no larger k is tried
+
+
+def test_refuses_when_no_k_removes_the_copies(tiny_pipe, inputs, statistics, monkeypatch):
+    fake_measures(monkeypatch, [0.9, 0.8, 0.7], {})
+    stats, reference, validation = statistics
+    with pytest.raises(MemeditError, match=r"the largest k = 0\.02 still copies 0\.70"):
+        memedit.calibrate(tiny_pipe, stats, reference, validation, inputs[1], CONFIG,
+                          CalibrationConfig(0.05, ks=(0.01, 0.02)), progress=False)
 
 
 def test_never_reads_the_held_out_prompts(tiny_pipe, inputs, monkeypatch):

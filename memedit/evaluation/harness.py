@@ -37,13 +37,7 @@ from memedit.evaluation.detector import (
     text_noise_magnitudes,
 )
 from memedit.evaluation.similarity import MEASURES, Scorer, aggregate_ground_truths, resize
-from memedit.evaluation.utility import (
-    CLIPScorer,
-    drift,
-    headline,
-    scene_scorer,
-    scene_utility,
-)
+from memedit.evaluation.utility import CLIPScorer, drift, scene_scorer, scene_utility
 from memedit.locate import LocateConfig, record_statistics, select_subspace
 from memedit.prompts import PromptSet, empty_reference
 from memedit.sampling import SamplingConfig, generate_images
@@ -364,20 +358,6 @@ def _utility(images: np.ndarray, ordinary: PromptSet, settings: EvalSettings,
         moved = drift(list(images), list(original))
         out["drift_from_original"] = {name: _summary(v) for name, v in moved.items()}
     return out
-
-
-def utility_figures(images: np.ndarray, ordinary: PromptSet, settings: EvalSettings,
-                    clip: CLIPScorer | None = None) -> dict[str, float]:
-    """The headline utility numbers of ordinary generations, by name: the scene utility
-    (prompts with scenes, as the embedded model's) and the CLIP score (with a CLIP model)."""
-    found = _utility(images, ordinary, settings, clip, None)
-    figures = {}
-    if "scene" in found:
-        key = headline(found["scene"])
-        figures[f"scene utility ({key})"] = found["scene"][key]
-    if "clip_score" in found:
-        figures["CLIP score"] = found["clip_score"]["mean"]
-    return figures
 
 
 def _scorers(settings: EvalSettings, sscd) -> dict[str, Scorer]:
