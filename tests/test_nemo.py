@@ -135,3 +135,48 @@ def test_nemo_faithful_loop_on_tiny_pipe(tiny_pipe):
     assert selection.masks[key][target].all()
     skipped = info["per_prompt"][1]
     assert not skipped["copies_unedited"] and skipped["refined_channels"] == 0
+
+
+def test_detector_ddim_over_every_step(tiny_pipe):
+    """--detector-scheduler ddim: DDIM for the detector's run only, every step recorded."""
+    from diffusers import EulerDiscreteScheduler
+
+    from memedit.evaluation.detector import DetectorConfig, scheduler_name, text_noise_magnitudes
+    from memedit.sampling import SamplingConfig
+
+    tiny_pipe.scheduler = EulerDiscreteScheduler.from_config(tiny_pipe.scheduler.config)
+    own = tiny_pipe.scheduler
+    sampling = SamplingConfig(steps=4, guidance_scale=5.0)
+    ddim = DetectorConfig(None, sampling, "ddim")
+    got = text_noise_magnitudes(tiny_pipe, ["a red cat"], [1], ddim)
+    assert got.shape == (1, 4) and tiny_pipe.scheduler is own
+    assert scheduler_name(tiny_pipe, ddim) == "DDIMScheduler"
+    assert scheduler_name(tiny_pipe, DetectorConfig(2, sampling)) == "EulerDiscreteScheduler"
+    euler = text_noise_magnitudes(tiny_pipe, ["a red cat"], [1], DetectorConfig(None, sampling))
+    assert not np.allclose(got, euler)  # the sampler did change
+
+
+@pytest.mark.slow
+def test_nemo_faithful_stops_copies_on_embedded_model():
+    """On the embedded model, the refined channels stop the locate prompts it works on from
+    copying their training image (the same check the loop ran: 1 seed, 10 steps)."""
+    from memedit import load_pipeline, read_prompts
+    from memedit.evaluation.controls import image_copy_check
+    from memedit.evaluation.similarity import Scorer
+    from memedit.sampling import SamplingConfig
+    from memedit.testbed import prompt_file
+
+    pipe, _ = load_pipeline(None, "cpu", "float32")
+    memorized = read_prompts(prompt_file("memorized_locate")).subset(range(2))
+    reference = read_prompts(prompt_file("ordinary_seen"))
+    check = image_copy_check(pipe, SamplingConfig(steps=10), (0,), Scorer("mse"), 0.01)
+    selection = nemo_faithful(pipe, memorized, reference, check)
+    info = selection.settings
+    assert info["prompts_copying_unedited"] >= 1
+    assert info["prompts_stopped"] == info["prompts_copying_unedited"]
+    assert 0 < info["unique_channels"] < info["channels_initial"]
+    assert all(k.startswith(("unet/down_blocks.", "unet/mid_block.")) for k in selection.masks)
+    with masks_applied(pipe, selection.masks):
+        for trace, record in zip(info["per_prompt"], memorized.records, strict=True):
+            if trace["copies_unedited"]:
+                assert check(record) <= check.limit
