@@ -105,7 +105,10 @@ def table(result: EvaluationResult) -> str:
     for variant in result.variants:
         size = variant.size
         zeroed = "-" if size is None else f"{size['selected']} ({size['fraction']:.2%})"
-        row = [variant.name, zeroed]
+        # NeMo's row names its mode and what it simplifies (the JSON keeps the short name).
+        label = variant.info.get("method", variant.name) if variant.kind == "nemo" \
+            else variant.name
+        row = [label, zeroed]
         for group in groups:
             rate, median = _primary(variant, group, measure, threshold)
             row += [_fmt(rate, 2), _fmt(median)]
@@ -117,7 +120,10 @@ def table(result: EvaluationResult) -> str:
     header = (f"memorized = {measure} {direction} {threshold} (share of generations); "
               f"{settings.gt_aggregate} over training images; median over prompts of the mean "
               f"over {len(settings.seeds)} seeds; detector AUROC vs ordinary prompts "
-              f"({' / '.join(groups)}), first {settings.detector_steps} steps")
+              f"({' / '.join(groups)}), "
+              + ("every step" if settings.detector_steps is None
+                 else f"first {settings.detector_steps} steps")
+              + (", DDIM" if settings.detector_scheduler == "ddim" else ""))
     if threshold is None:
         header = f"{measure}: no threshold; " + header.split("; ", 1)[1]
     lines = [header, tabulate(rows, headers=headers, tablefmt="simple")]
