@@ -17,6 +17,7 @@ from memedit.evaluation.controls import nemo_masks
 from memedit.evaluation.detector import DetectorConfig, text_noise_magnitudes
 from memedit.evaluation.harness import check_ground_truths, masks_applied, split_memorized
 from memedit.evaluation.similarity import Scorer
+from memedit.outputs import MARKER_FILE
 from memedit.prompts import PromptSet, read_prompts
 from memedit.sampling import SamplingConfig, run_pipeline
 
@@ -122,7 +123,7 @@ def test_sweep_command_end_to_end(tmp_path, tiny_model_dir, prompt_files):
                                      "0.05,0.1", "--tau", "2", "--out", str(out), *FAST_ARGS])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert {p.name for p in out.iterdir()} == {"report.json", "table.txt", "grid.png",
-                                               "sweep.png"}
+                                               "sweep.png", MARKER_FILE}
     report = json.loads((out / "report.json").read_text())
     names = [v["name"] for v in report["variants"]]
     assert names == ["original", "located k=0.05", "random k=0.05", "located k=0.1",
