@@ -19,6 +19,7 @@ from memedit.baking import BakeResult, apply_subspace, bake
 from memedit.calibration import CalibrationConfig, calibrate
 from memedit.compare import compare_subspaces
 from memedit.errors import MemeditError
+from memedit.evaluation.attack import AttackConfig, attack
 from memedit.inspection import verify_sanitized
 from memedit.loading import load_pipeline, resolve_model
 from memedit.locate import LocateConfig, locate, record_statistics, select_subspace
@@ -29,6 +30,7 @@ from memedit.subspace import Subspace
 
 __all__ = [
     "ActivationStats",
+    "AttackConfig",
     "BakeResult",
     "CalibrationConfig",
     "LocateConfig",
@@ -38,6 +40,7 @@ __all__ = [
     "Subspace",
     "__version__",
     "apply_subspace",
+    "attack",
     "bake",
     "calibrate",
     "compare_subspaces",
