@@ -627,6 +627,7 @@ def curve_plot(result: AttackResult) -> bytes:
     for ax in (ax_rate, ax_med):
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xticks(steps, [str(s) for s in steps])
+        ax.set_xlim(-0.1, steps[-1] * 1.3)  # no empty negative half of the linear part
         ax.minorticks_off()
         ax.set_xlabel(f"attack steps (Adam, lr {result.config.lr:g})")
         ax.legend(fontsize=7)
