@@ -46,8 +46,13 @@ def sampling_options(func):
                      help="Seeds per memorized prompt (the detector uses them too)."),
         click.option("--seed-start", default=100, show_default=True,
                      help="First seed; seeds are consecutive. Away from the locate seed (0)."),
-        click.option("--detector-steps", default=5, show_default=True,
-                     help="First denoising steps the detector averages over."),
+        click.option("--detector-steps", type=int, default=None,
+                     help="First denoising steps the detector averages over (default: 5; "
+                          "every step with --detector-scheduler ddim)."),
+        click.option("--detector-scheduler", type=click.Choice(["pipeline", "ddim"]),
+                     default="pipeline", show_default=True,
+                     help="The detector's sampler: the pipeline's own, or DDIM over every "
+                          "step as Wen et al. ran it."),
         click.option("--height", type=int, default=None,
                      help="Image height (default: the model's native size)."),
         click.option("--width", type=int, default=None,
@@ -89,10 +94,25 @@ def evaluation_options(func):
                      help="Sweep: locate's target layers."),
         click.option("--controls", default="auto", show_default=True,
                      help="random,nemo | none | auto (every control the inputs allow)."),
+        click.option("--nemo-mode", type=click.Choice(["simplified", "faithful"]),
+                     default="simplified", show_default=True,
+                     help="NeMo control. faithful: NeMo's 7 down/mid value layers, two-sided "
+                          "|z| plus per-layer top k, theta 5 down by 0.25 until the prompt "
+                          "stops copying, then per-layer and per-channel refinement, with "
+                          "generations in the loop (its copy check is evaluate's measure on "
+                          "--nemo-seeds x --nemo-steps, not NeMo's first-step MS-SSIM). "
+                          "simplified: outlier channels only, no check or refinement. "
+                          "The default stays simplified because faithful is costly: hundreds "
+                          "of generations a prompt, 17 min (976 checks) on the embedded model's 10 "
+                          "locate prompts (2 CPU cores, 2 seeds x 20 steps) against seconds."),
+        click.option("--nemo-seeds", default=2, show_default=True,
+                     help="NeMo faithful: seeds (0, 1, ...) of every copy check in its loop."),
+        click.option("--nemo-steps", default=20, show_default=True,
+                     help="NeMo faithful: denoising steps of every copy check in its loop."),
         click.option("--nemo-z", default=3.0, show_default=True,
-                     help="NeMo: z-score above which a to_v channel is an outlier."),
+                     help="NeMo simplified: z-score above which a to_v channel is an outlier."),
         click.option("--nemo-max", default=10, show_default=True,
-                     help="NeMo: at most this many channels per memorized prompt."),
+                     help="NeMo simplified: at most this many channels per memorized prompt."),
         click.option("--nemo-reference", type=click.Path(path_type=Path),
                      help="NeMo: ordinary prompts its z-scores are taken against (default: "
                           "--ordinary; with the embedded model: its seen scenes)."),
@@ -132,10 +152,18 @@ def _settings(options: dict, measure: str):
         measure=measure,
         thresholds=_floats(options["thresholds"], "--threshold"),
         gt_aggregate=options["gt_aggregate"],
-        detector_steps=options["detector_steps"],
+        detector_steps=_detector_steps(options),
+        detector_scheduler=options["detector_scheduler"],
         grid_prompts=options["grid_prompts"],
         progress=not options["quiet"],
     )
+
+
+def _detector_steps(options: dict) -> int | None:
+    """``None`` (every step) for Wen et al.'s DDIM set-up unless the user chose a number."""
+    if options["detector_steps"] is not None:
+        return options["detector_steps"]
+    return None if options["detector_scheduler"] == "ddim" else 5
 
 
 def _controls(text: str) -> tuple[str, ...] | None:
@@ -236,7 +264,9 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
     clip = CLIPScorer(options["clip_dir"]) if options["clip_dir"] else None
     inputs = Inputs(memorized, ordinary, locate_prompts, sscd, clip)
     controls = _controls(options["controls"])
-    nemo = {"z_threshold": options["nemo_z"], "max_per_prompt": options["nemo_max"],
+    nemo = {"mode": options["nemo_mode"], "seeds": options["nemo_seeds"],
+            "steps": options["nemo_steps"],
+            "z_threshold": options["nemo_z"], "max_per_prompt": options["nemo_max"],
             "reference": read_prompts(options["nemo_reference"], "nemo-reference")
             if options["nemo_reference"] else None}
     load = functools.partial(load_pipeline, device=device, dtype=options["dtype"],
@@ -340,6 +370,7 @@ def detect_command(model, prompts_file, top, out, overwrite, **options):
         DetectorConfig,
         auroc,
         detector_scores,
+        scheduler_name,
         text_noise_magnitudes,
     )
     from memedit.evaluation.report import detect_table, report_json
@@ -355,7 +386,7 @@ def detect_command(model, prompts_file, top, out, overwrite, **options):
     sampling = SamplingConfig(steps=options["steps"], guidance_scale=options["guidance_scale"],
                               batch_size=options["batch_size"], height=options["height"],
                               width=options["width"])
-    config = DetectorConfig(options["detector_steps"], sampling)
+    config = DetectorConfig(_detector_steps(options), sampling, options["detector_scheduler"])
     pipe, source = load_pipeline(model, options["device"], options["dtype"],
                                  options["allow_pickle"])
     texts = [p for p in prompts.prompts for _ in seeds]
@@ -369,7 +400,9 @@ def detect_command(model, prompts_file, top, out, overwrite, **options):
     result = {"model": source.spec, "prompts": {"source": prompts.source, "count": len(prompts),
                                                 "sha256": prompts.sha256},
               "settings": {"steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
-                           "seeds": list(seeds), "detector_steps": config.steps,
+                           "seeds": list(seeds),
+                           "detector_steps": "all" if config.steps is None else config.steps,
+                           "detector_scheduler": scheduler_name(pipe, config),
                            "score": "||eps(x_t,c) - eps(x_t,'')|| / sqrt(D), mean over the "
                                     "first steps and the seeds"},
               "ranking": sorted(({"prompt": p, "score": s, "first_step": f, "per_step": st,
@@ -392,3 +425,147 @@ def detect_command(model, prompts_file, top, out, overwrite, **options):
     if out is not None:
         atomic_write_bytes(out, report_json(result), overwrite, [model, prompts_file])
         click.echo(f"Wrote {out}", err=True)
+
+
+def attack_options(func):
+    """Options of ``attack``: the attack's budget and start, then scoring and sampling."""
+    path = click.Path(path_type=Path)
+    options = [
+        click.option("--model", help="The model to attack: an original or a sanitized (baked) "
+                                     "one. Default: the embedded test model."),
+        click.option("--memorized", type=path,
+                     help="Memorized prompts with their training images (JSONL `image` "
+                          "field). Default with the embedded model: its held-out half."),
+        click.option("--control", type=path,
+                     help="Prompts with images the model never trained on (same format): "
+                          "the same attack must not copy them. Default with the embedded "
+                          "model: its memorized scenes over never-trained backgrounds."),
+        click.option("--start", default="prompt", show_default=True,
+                     help="Where y starts: prompt (its own embedding), random (N(0, I)) or "
+                          "ordinary (an ordinary prompt's embedding)."),
+        click.option("--start-prompts", type=path,
+                     help="Ordinary prompts for --start ordinary. Default with the embedded "
+                          "model: its seen scenes."),
+        click.option("--lr", default=0.1, show_default=True, help="Adam learning rate."),
+        click.option("--attack-steps", default=50, show_default=True,
+                     help="Adam steps on y."),
+        click.option("--pairs", default=8, show_default=True,
+                     help="Noise/timestep pairs a step."),
+        click.option("--checkpoints",
+                     help="Comma-separated step counts to generate from and score; 0 and "
+                          "--attack-steps always are. Default: 1,10,25,50 up to "
+                          "--attack-steps."),
+        click.option("--attack-seed", default=0, show_default=True,
+                     help="Seed of the attack's noise (prompt i uses seed + i)."),
+        click.option("--prompt-batch", default=1, show_default=True,
+                     help="Prompts optimized together: faster on a small model, more memory."),
+        click.option("--control-limit", default=0.1, show_default=True,
+                     help="Control copy rate above which the report calls the attack too "
+                          "strong to mean anything."),
+        click.option("--measure", type=click.Choice(["auto", "sscd", "mse", "ssim"]),
+                     default="auto", show_default=True,
+                     help="Similarity, as in evaluate: auto = sscd with --sscd, else mse."),
+        click.option("--sscd", type=path,
+                     help="SSCD TorchScript file (sscd_disc_mixup.torchscript.pt)."),
+        click.option("--threshold", "thresholds",
+                     help="Copy threshold(s), the first one counts (default: sscd 0.7, mse "
+                          "0.01); near copies are within twice the first."),
+        click.option("--gt-aggregate", type=click.Choice(["max", "mean"]), default="max",
+                     show_default=True, help="Over a prompt's several training images."),
+        click.option("--steps", default=50, show_default=True,
+                     help="Denoising steps of each generation."),
+        click.option("--guidance-scale", default=7.5, show_default=True),
+        click.option("--batch-size", default=8, show_default=True,
+                     help="Images per pipeline call."),
+        click.option("--seeds", "seed_count", default=4, show_default=True,
+                     help="Generation seeds per prompt and checkpoint."),
+        click.option("--seed-start", default=100, show_default=True,
+                     help="First generation seed; seeds are consecutive."),
+        click.option("--height", type=int, default=None,
+                     help="Image height (default: the model's native size)."),
+        click.option("--width", type=int, default=None,
+                     help="Image width (default: the model's native size)."),
+        click.option("--grid-prompts", default=4, show_default=True,
+                     help="Prompts shown in grid.png (target and control each)."),
+        click.option("--out", required=True, type=path,
+                     help="Folder for report.json, table.txt, curve.png, grid.png."),
+        click.option("--overwrite", is_flag=True),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print the JSON report on stdout instead of the table."),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--dtype", default="auto", show_default=True),
+        click.option("--allow-pickle", is_flag=True, help="Load pickled checkpoints (unsafe)."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), func)
+
+
+def _checkpoints(text: str | None) -> tuple[int, ...] | None:
+    values = _floats(text, "--checkpoints")
+    if values is not None and any(v != int(v) for v in values):
+        raise MemeditError(f"--checkpoints are step counts, got {text!r}.",
+                           "For example --checkpoints 1,10,25,50.")
+    return None if values is None else tuple(int(v) for v in values)
+
+
+@click.command(name="attack")
+@attack_options
+def attack_command(**o):
+    """Try to bring removed copies back: optimize each memorized prompt's text embedding
+    towards its training image (the Finding Dori attack), every weight frozen.
+
+    Scores the generations from the embedding after each checkpoint as `evaluate` does, and
+    runs the same attack against images the model never trained on as a control: if those
+    get copied too, the attack is too strong to say anything about memorization.
+    """
+    from memedit.evaluation.attack import AttackConfig, attack, testbed_control, write_outputs
+    from memedit.evaluation.harness import EvalSettings
+    from memedit.evaluation.report import report_json
+    from memedit.evaluation.similarity import SSCD
+    from memedit.loading import load_pipeline
+    from memedit.outputs import atomic_output_dir
+    from memedit.prompts import read_prompts
+    from memedit.sampling import SamplingConfig
+
+    config = AttackConfig(lr=o["lr"], steps=o["attack_steps"], pairs=o["pairs"],
+                          checkpoints=_checkpoints(o["checkpoints"]), start=o["start"],
+                          seed=o["attack_seed"], prompt_batch=o["prompt_batch"],
+                          control_limit=o["control_limit"])
+    measure = o["measure"] if o["measure"] != "auto" else "sscd" if o["sscd"] else "mse"
+    settings = EvalSettings(
+        sampling=SamplingConfig(steps=o["steps"], guidance_scale=o["guidance_scale"],
+                                batch_size=o["batch_size"], height=o["height"],
+                                width=o["width"]),
+        seeds=_seeds(o["seed_count"], o["seed_start"]), measure=measure,
+        thresholds=_floats(o["thresholds"], "--threshold"), gt_aggregate=o["gt_aggregate"],
+        grid_prompts=o["grid_prompts"], progress=not o["quiet"])
+    origin = _bake_source(o["model"])
+    embedded = o["model"] is None or (origin or {}).get("spec") == "memedit-testbed"
+    if embedded:
+        from memedit.testbed import prompt_file
+
+        o["memorized"] = o["memorized"] or prompt_file("memorized_heldout")
+        if config.start == "ordinary":
+            o["start_prompts"] = o["start_prompts"] or prompt_file("ordinary_seen")
+    elif o["memorized"] is None:
+        raise MemeditError("--memorized is required for a model other than the embedded one.",
+                           "Pass a JSONL of memorized prompts with their training images.")
+    inputs = [o["model"], o["memorized"], o["control"], o["start_prompts"], o["sscd"]]
+    with hold_output(o["out"], o["overwrite"], inputs):
+        memorized = read_prompts(o["memorized"], "memorized")
+        control = read_prompts(o["control"], "control") if o["control"] else None
+        start = read_prompts(o["start_prompts"], "start") if o["start_prompts"] else None
+        sscd = SSCD(o["sscd"]) if o["sscd"] else None
+        pipe, source = load_pipeline(o["model"], o["device"], o["dtype"], o["allow_pickle"])
+        images = [p for group in (memorized, control) if group is not None
+                  for record in group.records for p in record.images]
+        with atomic_output_dir(o["out"], o["overwrite"], [*inputs, *images], "attack") as tmp:
+            if control is None and embedded:
+                control = testbed_control(memorized, tmp / "control_images")
+            result = attack(pipe, memorized, config, settings, control, start, sscd)
+            data = write_outputs(result, tmp, {"model": source.spec, "baked_from": origin})
+    if o["as_json"]:
+        click.echo(report_json(data).decode(), nl=False)
+    else:
+        click.echo((Path(o["out"]) / "table.txt").read_text(), nl=False)
+    click.echo(f"Wrote {o['out']}/report.json", err=True)
