@@ -141,7 +141,7 @@ def split_validation(memorized: PromptSet, fraction: float) -> tuple[PromptSet, 
     return split_memorized(memorized, 1 - fraction)
 
 
-def _copies(pipe, masks, validation: PromptSet, settings: EvalSettings, scorer: Scorer,
+def copy_rates(pipe, masks, validation: PromptSet, settings: EvalSettings, scorer: Scorer,
             threshold: float) -> tuple[float, float, float]:
     """Copy rate, near-copy rate and median pixel MSE of the validation generations."""
     prompts = [p for p in validation.prompts for _ in settings.seeds]
@@ -204,7 +204,7 @@ def calibrate(pipe, memorized: ActivationStats, reference: ActivationStats,
                                              "sha256": validation.sha256,
                                              "ordinary": ordinary.name,
                                              "ordinary_sha256": ordinary.sha256})
-    result.points.append(CalibrationPoint(0.0, 0, *_copies(pipe, None, validation, settings,
+    result.points.append(CalibrationPoint(0.0, 0, *copy_rates(pipe, None, validation, settings,
                                                            scorer, calibration.threshold),
                                           float(before.mean()), 0.0, 0.0))
     chosen = None
@@ -212,7 +212,7 @@ def calibrate(pipe, memorized: ActivationStats, reference: ActivationStats,
         subspace = select_subspace(pipe, memorized, reference, replace(config, k=k), source,
                                    allow_empty=True)
         point = CalibrationPoint(k, subspace.num_selected,
-                                 *_copies(pipe, subspace.masks, validation, settings, scorer,
+                                 *copy_rates(pipe, subspace.masks, validation, settings, scorer,
                                           calibration.threshold))
         if point.copy_rate <= calibration.target_rate:
             after = utility_values(pipe, subspace.masks, ordinary, settings, clip)[1]

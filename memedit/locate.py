@@ -103,9 +103,42 @@ def record_statistics(pipe, prompts: PromptSet, config: LocateConfig,
     Every prompt uses the same seed (the authors' protocol), in batches of
     ``config.sampling.batch_size``; both guidance halves pass through the hooks.
     """
-    config.validate()
     if not len(prompts):
         raise MemeditError(f"The prompt set {prompts.name} is empty.", "Pass at least one prompt.")
+
+    def run(batch: list[str]) -> None:
+        run_pipeline(pipe, batch, [config.sampling.seed] * len(batch), config.sampling,
+                     output_type="latent")
+
+    return _record(pipe, prompts.prompts, run, prompts.name, prompts.sha256, config, source,
+                   progress)
+
+
+def record_embedding_statistics(pipe, embeds: torch.Tensor, name: str, config: LocateConfig,
+                                source: ModelSource | None = None,
+                                progress: bool = True) -> ActivationStats:
+    """The same recording, driven by text conditionings ``y [N, 77, d]`` instead of prompts
+    (what an embedding attack optimizes). The text encoder does not run, so the targets must
+    be UNet layers; the unconditional half is the empty prompt's, as in generation."""
+    layers = find_target_layers(pipe, config.targets)
+    if any(layer.component != "unet" for layer, _ in layers):
+        raise MemeditError("Embeddings bypass the text encoder: its layers cannot be recorded "
+                           "from them.", "Use UNet targets only (ff_out, ff_in, attn2_k, "
+                           "attn2_v).")
+    digest = hashlib.sha256(embeds.detach().float().cpu().numpy().tobytes()).hexdigest()
+
+    def run(batch: list[torch.Tensor]) -> None:
+        run_pipeline(pipe, None, [config.sampling.seed] * len(batch), config.sampling,
+                     output_type="latent",
+                     prompt_embeds=torch.stack(batch).to(pipe.device, pipe.unet.dtype))
+
+    return _record(pipe, list(embeds), run, name, digest, config, source, progress)
+
+
+def _record(pipe, items: list, run, name: str, sha256: str, config: LocateConfig,
+            source: ModelSource | None, progress: bool) -> ActivationStats:
+    """Run ``run`` on batches of ``items`` under the recorder, stopping after tau UNet calls."""
+    config.validate()
     layers = find_target_layers(pipe, config.targets)
     available = unet_calls_per_image(pipe, config.sampling.steps)
     if config.tau > available:
@@ -116,24 +149,23 @@ def record_statistics(pipe, prompts: PromptSet, config: LocateConfig,
         )
     needs_unet = any(layer.component == "unet" for layer, _ in layers)
     unet_calls = config.tau if needs_unet else 0
-    prompt_batches = list(batches(prompts.prompts, config.sampling.batch_size))
-    bar = tqdm(total=len(prompt_batches) * max(unet_calls, 1), disable=not progress,
-               desc=f"recording {prompts.name}", unit="UNet call")
+    item_batches = list(batches(items, config.sampling.batch_size))
+    bar = tqdm(total=len(item_batches) * max(unet_calls, 1), disable=not progress,
+               desc=f"recording {name}", unit="UNet call")
     recorder = ActivationRecorder(pipe, layers, unet_calls, on_unet_call=lambda: bar.update(1))
     with recorder, torch.inference_mode():
-        for batch in prompt_batches:
+        for batch in item_batches:
             recorder.start_pipeline_call()
             with contextlib.suppress(StopDenoising):
-                run_pipeline(pipe, batch, [config.sampling.seed] * len(batch), config.sampling,
-                             output_type="latent")
+                run(batch)
             if not needs_unet:
                 bar.update(1)
     bar.close()
     return ActivationStats(
         {key: value.cpu() for key, value in recorder.sumsq.items()},
-        len(prompts),
+        len(items),
         _settings(pipe, source, [layer for layer, _ in layers], config, unet_calls),
-        [{"name": prompts.name, "count": len(prompts), "sha256": prompts.sha256}],
+        [{"name": name, "count": len(items), "sha256": sha256}],
     )
 
 

@@ -61,15 +61,16 @@ def generators(pipe, seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
-def run_pipeline(pipe, prompts: Sequence[str], seeds: Sequence[int], config: SamplingConfig,
-                 output_type: str = "np", **kwargs):
-    """One pipeline call on a batch of prompts with per-prompt seeds.
+def run_pipeline(pipe, prompts: Sequence[str] | None, seeds: Sequence[int],
+                 config: SamplingConfig, output_type: str = "np", **kwargs):
+    """One pipeline call on a batch of prompts with per-prompt seeds (``prompts`` None: the
+    caller passes ``prompt_embeds`` instead).
 
     A prompt past the tokenizer's 77 tokens is legal (it is truncated) but must not be quoted
     back on stderr, once per batch."""
     with quiet_tokenizer_warnings():
         return pipe(
-            prompt=list(prompts),
+            prompt=None if prompts is None else list(prompts),
             num_inference_steps=config.steps,
             guidance_scale=config.guidance_scale,
             generator=generators(pipe, seeds),

@@ -44,7 +44,7 @@ def fake_measures(monkeypatch, rates: list[float], utilities: dict[int, float]):
         value = 0.5 if masks is None else utilities[calls["copies"] - 1]
         return "scene utility (overall)", np.full(8, value) + np.linspace(-0.01, 0.01, 8)
 
-    monkeypatch.setattr(calibration, "_copies", copies)
+    monkeypatch.setattr(calibration, "copy_rates", copies)
     monkeypatch.setattr(calibration, "utility_values", utility)
     return calls
 
