@@ -180,6 +180,14 @@ def method_options(func):
                        "the embedded model: its seen scenes.")
     @click.option("--clip", "clip_dir", type=click.Path(path_type=Path), default=None,
                   help="With --target-rate: local CLIP model folder; utility = CLIP score.")
+    @click.option("--harden-rounds", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="Harden the edit against the embedding attack: rounds of attacking the "
+                       "edited model on the memorized prompts' training images and zeroing "
+                       "what the attack's triggers lean on too (0: off).")
+    @click.option("--harden-lr", type=float, default=0.01, show_default=True,
+                  help="With --harden-rounds: the attack's Adam learning rate.")
+    @click.option("--harden-steps", type=click.IntRange(min=1), default=100,
+                  show_default=True, help="With --harden-rounds: the attack's steps.")
     @sampling_options
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -220,6 +228,7 @@ def _locate(opts: dict):
     """Shared by `locate` and `locate-and-bake`: returns (subspace, source)."""
     from memedit.calibration import calibrate, split_validation
     from memedit.evaluation.utility import CLIPScorer
+    from memedit.hardening import harden
     from memedit.loading import load_pipeline
     from memedit.locate import LocateConfig, record_statistics, select_subspace
     from memedit.outputs import atomic_output_dir
@@ -239,10 +248,13 @@ def _locate(opts: dict):
         raise MemeditError("Pass --memorized or --memorized-stats, not both.",
                            "Statistics files replace the prompt file.")
     target = _calibration_config(opts)
-    if target is not None and opts["memorized_stats"]:
-        raise MemeditError("--target-rate validates k on memorized prompts, and statistics "
-                           "files hold none.",
+    if (target is not None or opts["harden_rounds"]) and opts["memorized_stats"]:
+        raise MemeditError("--target-rate and --harden-rounds work on the memorized prompts' "
+                           "training images, and statistics files hold none.",
                            "Pass --memorized (JSONL with each prompt's training image).")
+    if target is not None and opts["harden_rounds"]:
+        raise MemeditError("--target-rate and --harden-rounds cannot be combined yet.",
+                           "Choose one of them.")
     memorized = reference = validation = None
     if not opts["memorized_stats"]:
         path = opts["memorized"]
@@ -272,12 +284,24 @@ def _locate(opts: dict):
                                "statistics") as folder:
             stats_mem.save(folder / "memorized.stats.safetensors")
             stats_ref.save(folder / "reference.stats.safetensors")
+    if opts["harden_rounds"]:
+        return harden(pipe, memorized, stats_mem, stats_ref, config, _hardening(opts),
+                      source), source
     if validation is not None:
         return calibrate(pipe, stats_mem, stats_ref, validation, _ordinary(opts), config,
                          target, source,
                          CLIPScorer(opts["clip_dir"]) if opts["clip_dir"] else None)[0], source
     return select_subspace(pipe, stats_mem, stats_ref, config, source,
                            allow_empty=opts["allow_empty"]), source
+
+
+def _hardening(opts: dict):
+    from memedit.evaluation.attack import AttackConfig
+    from memedit.hardening import HardenConfig
+
+    return HardenConfig(opts["harden_rounds"],
+                        AttackConfig(lr=opts["harden_lr"], steps=opts["harden_steps"],
+                                     checkpoints=()))
 
 
 def _calibration_config(opts: dict):
@@ -338,8 +362,8 @@ def _subspace_summary(subspace) -> dict:
     return {"method": subspace.manifest["method"], "model": subspace.manifest["model"]["spec"],
             "prompts": subspace.manifest["prompts"], "layers": subspace.layer_counts(),
             "total": subspace.totals()} | (
-        {"calibration": subspace.manifest["calibration"]}
-        if "calibration" in subspace.manifest else {})
+        {key: subspace.manifest[key] for key in ("calibration", "hardening")
+         if key in subspace.manifest})
 
 
 def _render_subspace(summary: dict) -> str:
@@ -354,6 +378,15 @@ def _render_subspace(summary: dict) -> str:
             f"targets={','.join(method['targets'])}\n")
     text = head + tabulate(rows, headers=["tensor", "zeroed", "of", "fraction"],
                            colalign=("left", "right", "right", "right"))
+    if "hardening" in summary:
+        record = summary["hardening"]
+        attack = record["attack"]
+        text += (f"\n\nhardened against the embedding attack (Adam lr {attack['lr']:g}, "
+                 f"{attack['steps']} steps) on {record['prompts']['count']} prompts:\n"
+                 + tabulate([[r["round"], f"{r['loss_start']:.4f} -> {r['loss_end']:.4f}",
+                              f"{r['zeroed_before']:,} -> {r['zeroed_after']:,}"]
+                             for r in record["rounds_run"]],
+                            headers=["round", "attack loss", "zeroed"]))
     if "calibration" in summary:
         from memedit.calibration import calibration_table
 

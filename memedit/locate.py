@@ -26,6 +26,7 @@ from memedit.weights import read_tensors, split_key, tensor_sha256, zero_masked
 
 if TYPE_CHECKING:
     from memedit.calibration import CalibrationConfig
+    from memedit.hardening import HardenConfig
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,7 @@ def locate(pipe, memorized: PromptSet, reference: PromptSet | None = None,
            config: LocateConfig | None = None, source: ModelSource | None = None,
            progress: bool = True, allow_empty: bool = False,
            target: CalibrationConfig | None = None, ordinary: PromptSet | None = None,
-           clip=None) -> Subspace:
+           clip=None, hardening: HardenConfig | None = None) -> Subspace:
     """Find the memorization subspace of ``pipe``.
 
     ``reference`` defaults to the empty prompt (the authors' default). Since every prompt uses
@@ -270,9 +271,17 @@ def locate(pipe, memorized: PromptSet, reference: PromptSet | None = None,
     k of ``target.ks`` whose edit copies at most ``target.target_rate`` on a validation part
     split off ``memorized``, within ``target.utility_budget`` on the ``ordinary`` prompts
     (scene utility, or the CLIP score with ``clip``); the curve goes into the manifest.
+
+    With ``hardening`` (see :mod:`memedit.hardening`), the edit is grown in rounds by the
+    weights that an embedding attack on the edited model leans on (``memorized`` need their
+    training images); it cannot be combined with ``target``.
     """
     from memedit.calibration import calibrate, split_validation
+    from memedit.hardening import harden
 
+    if target is not None and hardening is not None:
+        raise MemeditError("Calibrating k and hardening cannot be combined yet.",
+                           "Choose --target-rate or --harden-rounds.")
     config = config or LocateConfig()
     reference = reference if reference is not None else empty_reference(1)
     validation = None
@@ -283,6 +292,8 @@ def locate(pipe, memorized: PromptSet, reference: PromptSet | None = None,
         memorized, validation = split_validation(memorized, target.validation_fraction)
     stats_mem = record_statistics(pipe, memorized, config, source, progress)
     stats_ref = record_statistics(pipe, reference, config, source, progress)
+    if hardening is not None:
+        return harden(pipe, memorized, stats_mem, stats_ref, config, hardening, source, progress)
     if validation is None:
         return select_subspace(pipe, stats_mem, stats_ref, config, source, allow_empty)
     return calibrate(pipe, stats_mem, stats_ref, validation, ordinary, config, target, source,

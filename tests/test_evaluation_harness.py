@@ -115,6 +115,26 @@ def test_split_memorized_in_file_order():
         split_memorized(prompts, 0.01)
 
 
+def test_evaluate_reports_copies_under_attack_for_every_variant(tmp_path, tiny_model_dir,
+                                                                 prompt_files):
+    memorized, ordinary = prompt_files
+    out = tmp_path / "sweep"
+    result = _invoke(sweep_command, ["--model", str(tiny_model_dir), "--memorized",
+                                     str(memorized), "--ordinary", str(ordinary), "--k", "0.05",
+                                     "--tau", "2", "--controls", "random", "--attack-steps", "2",
+                                     "--out", str(out), *FAST_ARGS])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "under attack locate / heldout" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["attack"]["steps"] == 2
+    for variant in report["variants"]:
+        for group in ("locate", "heldout"):
+            attacked = variant["memorization"][group]["under_attack"]
+            rates = attacked["measures"]["mse"]["rates"]
+            assert set(rates) == {"0.01", "0.02"}  # the copy and the near-copy threshold
+            assert 0 <= rates["0.01"]["generation_rate"] <= 1
+
+
 def test_sweep_command_end_to_end(tmp_path, tiny_model_dir, prompt_files):
     memorized, ordinary = prompt_files
     out = tmp_path / "sweep"

@@ -41,15 +41,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from memedit.evaluation.attack import (
         AttackConfig,
-        encode_images,
         frozen,
         generate_from_embeddings,
-        native_size,
         optimize_embeddings,
         prompt_embeddings,
+        target_latents,
     )
     from memedit.evaluation.harness import EvalSettings
-    from memedit.evaluation.similarity import load_image, resize
     from memedit.loading import load_pipeline
     from memedit.prompts import read_prompts
     from memedit.sampling import SamplingConfig, batches
@@ -61,10 +59,8 @@ def main() -> None:
     pipe, source = load_pipeline(args.model, device=args.device)
     prompts = read_prompts(args.prompts)
     settings = EvalSettings(sampling=SamplingConfig(steps=args.steps), progress=False)
-    height, width = native_size(pipe, settings)
     y_all = prompt_embeddings(pipe, prompts.prompts)
-    z_all = encode_images(pipe, [resize(load_image(r.images[0]), height, width)
-                                 for r in prompts.records])
+    z_all = target_latents(pipe, prompts, settings.sampling)
     negative = prompt_embeddings(pipe, [""]).cpu()
 
     def optimize(prompt_batch: int) -> float:

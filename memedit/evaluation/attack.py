@@ -35,7 +35,7 @@ from memedit.evaluation.harness import (
 )
 from memedit.evaluation.similarity import MEASURES, Measure, load_image, resize, to_pil
 from memedit.prompts import PromptRecord, PromptSet
-from memedit.sampling import batches, generators
+from memedit.sampling import SamplingConfig, batches, generators
 
 START_MODES = ("prompt", "random", "ordinary")
 DEFAULT_CHECKPOINTS = (1, 10, 25, 50)
@@ -166,9 +166,18 @@ def frozen(pipe) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def native_size(pipe, settings: EvalSettings) -> tuple[int, int]:
+def native_size(pipe, sampling: SamplingConfig) -> tuple[int, int]:
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return settings.sampling.height or native, settings.sampling.width or native
+    return sampling.height or native, sampling.width or native
+
+
+def target_latents(pipe, group: PromptSet, sampling: SamplingConfig) -> torch.Tensor:
+    """VAE latents of each prompt's (first) training image at the generation size, encoded
+    ``sampling.batch_size`` at a time: what the attack steers each prompt's y towards."""
+    height, width = native_size(pipe, sampling)
+    images = [resize(load_image(r.images[0]), height, width) for r in group.records]
+    return torch.cat([encode_images(pipe, chunk)
+                      for chunk in batches(images, sampling.batch_size)])
 
 
 @torch.no_grad()
@@ -310,10 +319,9 @@ def attack_group(pipe, group: PromptSet, role: str, config: AttackConfig,
                  negative: torch.Tensor) -> AttackRun:
     """Attack every prompt of ``group`` towards its (first) training image, then generate
     from the embedding at each checkpoint and score it like ``evaluate`` does."""
-    height, width = native_size(pipe, settings)
     show = settings.progress
     y_prompt = prompt_embeddings(pipe, group.prompts)
-    targets = [resize(load_image(r.images[0]), height, width) for r in group.records]
+    z0_all = target_latents(pipe, group, settings.sampling)
     snapshots: dict[int, list[torch.Tensor]] = {c: [] for c in config.checkpoints}
     losses = []
     started = time.perf_counter()
@@ -324,7 +332,7 @@ def attack_group(pipe, group: PromptSet, role: str, config: AttackConfig,
             gens = [torch.Generator("cpu").manual_seed(config.seed + i) for i in chunk]
             start = start_embeddings(pipe, chunk, config, start_prompts, y_prompt[chunk],
                                      gens)
-            z0 = encode_images(pipe, [targets[i] for i in chunk])
+            z0 = z0_all[chunk]
             chunk_snaps, chunk_losses = optimize_embeddings(pipe, start, z0, config, gens, bar)
             for step, y in chunk_snaps.items():
                 snapshots[step].append(y)

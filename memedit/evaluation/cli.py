@@ -131,6 +131,14 @@ def evaluation_options(func):
         click.option("--clip", "clip_dir", type=click.Path(path_type=Path),
                      help="Local CLIP model folder for the CLIP score."),
         click.option("--grid-prompts", default=4, show_default=True),
+        click.option("--attack-steps", type=click.IntRange(min=0), default=0,
+                     show_default=True,
+                     help="Also attack every variant with the embedding attack (memedit attack) "
+                          "for this many Adam steps and report copies under attack (0: off)."),
+        click.option("--attack-lr", type=float, default=0.01, show_default=True,
+                     help="The attack's learning rate (0.01 brings the default edit's copies "
+                          "back on the embedded model; the published 0.1 overshoots its small "
+                          "text encoder)."),
         click.option("--out", required=True, type=click.Path(path_type=Path),
                      help="Folder for report.json, table.txt, grid.png, sweep.png."),
         click.option("--overwrite", is_flag=True),
@@ -156,7 +164,17 @@ def _settings(options: dict, measure: str):
         detector_scheduler=options["detector_scheduler"],
         grid_prompts=options["grid_prompts"],
         progress=not options["quiet"],
+        attack=_attack_config(options),
     )
+
+
+def _attack_config(options: dict):
+    """evaluate/sweep's attack column: the published attack on y, scored at its last step."""
+    from memedit.evaluation.attack import AttackConfig
+
+    if not options["attack_steps"]:
+        return None
+    return AttackConfig(lr=options["attack_lr"], steps=options["attack_steps"], checkpoints=())
 
 
 def _detector_steps(options: dict) -> int | None:

@@ -63,6 +63,9 @@ class EvalSettings:
     detector_scheduler: str = "pipeline"  # or "ddim", as Wen et al.
     grid_prompts: int = 4
     progress: bool = True
+    # The embedding attack each variant also faces on every memorized group (None: not run);
+    # a memedit.evaluation.attack.AttackConfig.
+    attack: object | None = None
 
     @property
     def resolved_thresholds(self) -> tuple[float, ...]:
@@ -95,6 +98,7 @@ class EvalSettings:
                 "prompt_rate": "share of prompts with at least one memorized seed",
                 "prompts": "mean and median over prompts of the per-prompt mean over seeds",
             },
+            "attack": None if self.attack is None else self.attack.describe(),
             "detector": {
                 "name": "Wen et al. 2024: ||eps(x_t, c) - eps(x_t, '')|| / sqrt(D)",
                 "steps": "all" if self.detector_steps is None else self.detector_steps,
@@ -300,6 +304,9 @@ def evaluate_variant(variant: Variant, groups: dict[str, PromptSet], ordinary: P
                 with _progress(settings, len(prompts), f"{variant.name}: {name}") as bar:
                     images = generate_images(pipe, prompts, seeds, sampling, bar)
                 memorization[name] = score_group(images, group, settings, scorers)
+                if settings.attack is not None:
+                    memorization[name]["under_attack"] = _under_attack(
+                        pipe, group, settings, scorers, f"{variant.name}: attack {name}")
                 if name == "heldout" or len(groups) == 1 or not grid:
                     grid = {"group": name, "images": [images[i * len(settings.seeds)]
                             for i in range(min(grid_count, len(group)))]}
@@ -317,6 +324,30 @@ def evaluate_variant(variant: Variant, groups: dict[str, PromptSet], ordinary: P
     detector |= _detector_summary(detector["per_prompt"], groups)
     return VariantResult(variant.name, variant.kind, variant.k, variant.size(), memorization,
                          detector, utility, variant.info, grid, ordinary_images)
+
+
+def _under_attack(pipe, group: PromptSet, settings: EvalSettings, scorers: dict[str, Scorer],
+                  desc: str) -> dict:
+    """Copies after the embedding attack on this variant (weights frozen, as applied now)."""
+    from memedit.evaluation.attack import (
+        attack_group,
+        copy_thresholds,
+        frozen,
+        prompt_embeddings,
+    )
+
+    config = settings.attack
+    near = copy_thresholds(settings)[1]  # near copies: what a stronger attack starts from
+    quiet = replace(settings, progress=False,
+                    thresholds=tuple(dict.fromkeys((*settings.resolved_thresholds, near))))
+    with frozen(pipe), tqdm(total=1, desc=desc, unit="group", leave=False,
+                            disable=not settings.progress) as bar:
+        run = attack_group(pipe, group, "target", config, quiet, scorers, None,
+                           prompt_embeddings(pipe, [""]))
+        bar.update(1)
+    return {"attack": config.describe(), "steps": config.steps,
+            "measures": run.scores[config.steps]["measures"],
+            "seconds": run.seconds}
 
 
 def _detect(pipe, prompts: PromptSet, seeds: Sequence[int], config: DetectorConfig,

@@ -77,6 +77,13 @@ def _primary(variant: VariantResult, group: str, measure: str, threshold: str | 
     return rate, data["median"]
 
 
+def _attacked_rate(variant: VariantResult, group: str, measure: str,
+                   threshold: str | None) -> float | None:
+    attacked = variant.memorization.get(group, {}).get("under_attack", {})
+    data = attacked.get("measures", {}).get(measure, {})
+    return data.get("rates", {}).get(threshold, {}).get("generation_rate") if threshold else None
+
+
 def _utility_cell(variant: VariantResult) -> tuple[str, str]:
     utility = variant.utility
     parts = []
@@ -100,6 +107,9 @@ def table(result: EvaluationResult) -> str:
     headers = ["variant", "zeroed"]
     for group in groups:
         headers += [f"mem {group}", f"median {measure} {group}"]
+    attacked = settings.attack is not None
+    if attacked:
+        headers.append("under attack " + " / ".join(groups))
     headers += ["detector AUROC", "utility", "drift MSE"]
     rows = []
     for variant in result.variants:
@@ -112,6 +122,9 @@ def table(result: EvaluationResult) -> str:
         for group in groups:
             rate, median = _primary(variant, group, measure, threshold)
             row += [_fmt(rate, 2), _fmt(median)]
+        if attacked:
+            row.append(" / ".join(_fmt(_attacked_rate(variant, g, measure, threshold), 2)
+                                  for g in groups))
         aurocs = variant.detector.get("auroc", {})
         row.append(" / ".join(_fmt(aurocs.get(g), 2) for g in groups))
         row += list(_utility_cell(variant))
@@ -124,6 +137,9 @@ def table(result: EvaluationResult) -> str:
               + ("every step" if settings.detector_steps is None
                  else f"first {settings.detector_steps} steps")
               + (", DDIM" if settings.detector_scheduler == "ddim" else ""))
+    if attacked:
+        header += (f"; under attack = memorized after the embedding attack (Adam lr "
+                   f"{settings.attack.lr:g}, {settings.attack.steps} steps on y)")
     if threshold is None:
         header = f"{measure}: no threshold; " + header.split("; ", 1)[1]
     lines = [header, tabulate(rows, headers=headers, tablefmt="simple")]
