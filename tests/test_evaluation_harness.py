@@ -20,6 +20,7 @@ from memedit.evaluation.similarity import Scorer
 from memedit.outputs import MARKER_FILE
 from memedit.prompts import PromptSet, read_prompts
 from memedit.sampling import SamplingConfig, run_pipeline
+from memedit.testing import save_tiny_pipeline
 
 FAST = SamplingConfig(steps=4, guidance_scale=7.5, batch_size=4)
 FAST_ARGS = ["--steps", "4", "--seeds", "1", "--detector-steps", "2", "--quiet"]
@@ -307,3 +308,48 @@ def test_detector_equals_the_first_steps_of_a_full_run(tiny_pipe):
     full = torch.stack(gaps, dim=1).numpy()
     assert full.shape == (2, 6) and early.shape == (2, 3)
     np.testing.assert_allclose(early, full[:, :3], rtol=1e-5)
+
+
+def test_evaluate_another_edit_side_by_side(tmp_path, tiny_model_dir, prompt_files):
+    """--also: a second edit of the same original (as a hardened one) gets its own row, the
+    same scores as evaluating it on its own, and its own same-size random control."""
+    from memedit import LocateConfig, bake, load_pipeline, locate
+
+    memorized, ordinary = prompt_files
+    pipe, source = load_pipeline(tiny_model_dir, "cpu", "float32")
+    located_on = read_prompts(memorized, "memorized").subset([0, 1], "locate")
+    edits = {}
+    for name, k in (("small", 0.02), ("large", 0.1)):
+        subspace = locate(pipe, located_on, None, LocateConfig(k=k, tau=2, sampling=FAST),
+                          source=source, progress=False)
+        edits[name] = (bake(tiny_model_dir, subspace, tmp_path / name, progress=False).path,
+                       subspace)
+    common = ["--memorized", str(memorized), "--ordinary", str(ordinary), "--controls",
+              "random", *FAST_ARGS]
+    result = _invoke(evaluate_command, ["--model", str(edits["small"][0]), "--also",
+                                        str(edits["large"][0]), "--out", str(tmp_path / "both"),
+                                        *common])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    both = {v["name"]: v for v in json.loads((tmp_path / "both/report.json").read_text())[
+        "variants"]}
+    assert list(both) == ["original", "sanitized", "large", "random", "random (large)"]
+    assert both["large"]["zeroed"] == both["random (large)"]["zeroed"] == \
+        edits["large"][1].totals()
+    alone = _invoke(evaluate_command, ["--model", str(edits["large"][0]), "--out",
+                                       str(tmp_path / "alone"), *common])
+    assert alone.exit_code == 0, alone.output
+    single = {v["name"]: v for v in json.loads((tmp_path / "alone/report.json").read_text())[
+        "variants"]}
+    # Applied in memory to the original, the edit scores exactly as the baked model does.
+    assert both["large"]["memorization"] == single["sanitized"]["memorization"]
+    # An edit of another model is refused.
+    other = save_tiny_pipeline(tmp_path / "other", seed=3)
+    other_pipe, other_source = load_pipeline(other, "cpu", "float32")
+    foreign = locate(other_pipe, located_on, None, LocateConfig(k=0.05, tau=2, sampling=FAST),
+                     source=other_source, progress=False)
+    bake(other, foreign, tmp_path / "foreign", progress=False)
+    refused = _invoke(evaluate_command, ["--model", str(edits["small"][0]), "--also",
+                                         str(tmp_path / "foreign"), "--out",
+                                         str(tmp_path / "no"), *common])
+    assert isinstance(refused.exception, MemeditError)
+    assert "differs from the weights" in str(refused.exception)

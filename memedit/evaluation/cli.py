@@ -131,6 +131,9 @@ def evaluation_options(func):
         click.option("--clip", "clip_dir", type=click.Path(path_type=Path),
                      help="Local CLIP model folder for the CLIP score."),
         click.option("--grid-prompts", default=4, show_default=True),
+        click.option("--also", multiple=True, type=click.Path(path_type=Path),
+                     help="evaluate: another model baked from the same original (e.g. a "
+                          "hardened edit), evaluated side by side (repeat for several)."),
         click.option("--attack-steps", type=click.IntRange(min=0), default=0,
                      show_default=True,
                      help="Also attack every variant with the embedding attack (memedit attack) "
@@ -240,9 +243,23 @@ def _embedded_defaults(model, options: dict) -> None:
 def _inputs(model, baseline, options: dict) -> list:
     """The paths an evaluation reads (models, prompt files, scorers): its output spares them."""
     origin = (_bake_source(model) or {}).get("path")  # the baseline a baked model implies
-    return [model, baseline, origin, *(options.get(key) for key in (
+    return [model, baseline, origin, *options.get("also", ()), *(options.get(key) for key in (
         "memorized", "ordinary", "locate_prompts", "reference", "nemo_reference", "sscd",
         "clip_dir"))]
+
+
+def _other_edit(path, baseline_source):
+    """The subspace of another model baked from the evaluated one's original (``--also``)."""
+    from memedit.baking import check_model_matches
+    from memedit.subspace import Subspace
+
+    if baseline_source is None:
+        raise MemeditError("--also applies other edits to the original, and there is none.",
+                           "Pass --baseline ORIGINAL (or evaluate a model memedit baked).")
+    subspace = Subspace.load(path)
+    # Its edited tensors must be the original's before the edit: it is an edit of this model.
+    check_model_matches(baseline_source, subspace, baseline_source.allow_pickle)
+    return subspace
 
 
 def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
@@ -265,6 +282,9 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
         raise MemeditError("With --k, --model is the original and every edit is applied to it "
                            "in memory, so --baseline has no role.",
                            "Drop --baseline, or drop --k to evaluate a baked model.")
+    if ks is not None and options["also"]:
+        raise MemeditError("With --k every edit is located in memory; --also adds baked ones "
+                           "to an evaluate.", "Drop --also, or drop --k.")
     out = options["out"]
     measure = options["measure"]
     if measure == "auto":
@@ -313,7 +333,10 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
         if controls is None:
             controls = tuple(c for c, ok in (("random", subspace is not None),
                                              ("nemo", True)) if ok and baseline_pipe)
-        result = evaluate(pipe, inputs, settings, baseline_pipe, subspace, controls, nemo)
+        others = [(Path(path).name, _other_edit(path, baseline_source))
+                  for path in options["also"]]
+        result = evaluate(pipe, inputs, settings, baseline_pipe, subspace, controls, nemo,
+                          others)
         context = {"model": source.spec,
                    "baseline": baseline_source.spec if baseline_source else None}
     data = report.build_report(result, context)

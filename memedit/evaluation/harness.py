@@ -468,13 +468,17 @@ def nearest_distinct_pair(scorer: Scorer, groups: dict[str, PromptSet],
 
 def evaluate(model_pipe, inputs: Inputs, settings: EvalSettings, baseline_pipe=None,
              model_subspace: Subspace | None = None, controls: Sequence[str] = (),
-             nemo_options: dict | None = None) -> EvaluationResult:
+             nemo_options: dict | None = None,
+             others: Sequence[tuple[str, Subspace]] = ()) -> EvaluationResult:
     """Evaluate a sanitized model, next to the original and controls when given.
 
     Controls are applied to the original (``baseline_pipe``): ``random`` needs the subspace
     the sanitized model was baked with (``model_subspace``, read from the baked folder);
     ``nemo`` is located on the locate prompts (or the memorized ones if none are given) with
     ``nemo_options["reference"]`` (default: the ordinary prompts) as reference.
+    ``others`` are more edits of the same original, by name (say, a hardened one), applied to
+    ``baseline_pipe`` in memory, each with a random mask of its own size when ``random`` is
+    among the controls.
     """
     groups, scorers, notes, calibration = _prepare(inputs, settings)
     variants: list[Variant] = []
@@ -485,6 +489,11 @@ def evaluate(model_pipe, inputs: Inputs, settings: EvalSettings, baseline_pipe=N
     variants.append(Variant(name, name, model_pipe, baked=model_subspace,
                             info=_baked_info(model_subspace)))
     notes += _located_on_notes(model_subspace, inputs)
+    if others and baseline_pipe is None:
+        raise MemeditError("Other edits are applied to the original model.",
+                           "Pass --baseline ORIGINAL.")
+    variants += [Variant(name, "sanitized", baseline_pipe, other.masks, baked=other,
+                         info=_baked_info(other)) for name, other in others]
     for control in controls:
         if baseline_pipe is None:
             raise MemeditError(f"The {control} control is applied to the original model.",
@@ -497,6 +506,10 @@ def evaluate(model_pipe, inputs: Inputs, settings: EvalSettings, baseline_pipe=N
             variants.append(Variant("random", "random", baseline_pipe,
                                     random_like(model_subspace.masks, seed=0),
                                     info={"seed": 0, "matched_to": "sanitized"}))
+            variants += [Variant(f"random ({name})", "random", baseline_pipe,
+                                 random_like(other.masks, seed=0),
+                                 info={"seed": 0, "matched_to": name})
+                         for name, other in others]
         elif control == "nemo":
             variants.append(_nemo_variant(baseline_pipe, inputs, nemo_options or {}, settings,
                                           scorers))
