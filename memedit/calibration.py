@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from memedit.errors import MemeditError
+from memedit.evaluation.attack import AttackConfig, attack_group, frozen, prompt_embeddings
 from memedit.evaluation.harness import (
     EvalSettings,
     check_ground_truths,
@@ -58,6 +59,9 @@ class CalibrationConfig:
     seeds: tuple[int, ...] = (100, 101, 102, 103)
     ordinary_seeds: tuple[int, ...] = (100, 101, 102, 103)
     threshold: float = 0.01  # pixel MSE, as `evaluate`'s default measure
+    # With an attack, the copy rate is measured under it: the validation prompts' embeddings
+    # are optimized towards their own training images against each candidate edit.
+    attack: AttackConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.target_rate < 1:
@@ -109,6 +113,8 @@ class Calibration:
         return {"target_rate": self.config.target_rate,
                 "utility_budget": self.config.utility_budget,
                 "utility": self.utility_name, "measure": f"pixel MSE < {self.config.threshold}",
+                "under_attack": None if self.config.attack is None
+                else self.config.attack.describe(),
                 "seeds": list(self.config.seeds),
                 "ordinary_seeds": list(self.config.ordinary_seeds), "ks": list(self.config.ks),
                 "validation": self.validation, "chosen_k": self.chosen_k,
@@ -132,7 +138,8 @@ def calibration_table(record: dict) -> str:
              f"{p['utility_drop']:+.3f} ± {p['utility_drop_se']:.3f}",
              "<- chosen" if p["k"] == record["chosen_k"] else ""]
             for p in record["curve"]]
-    return tabulate(rows, headers=["k", "zeroed", "copies", "near copies", "median MSE",
+    copies = "copies" if record.get("under_attack") is None else "copies under attack"
+    return tabulate(rows, headers=["k", "zeroed", copies, "near", "median MSE",
                                    record["utility"], "drop ± s.e.", ""])
 
 
@@ -142,13 +149,21 @@ def split_validation(memorized: PromptSet, fraction: float) -> tuple[PromptSet, 
 
 
 def copy_rates(pipe, masks, validation: PromptSet, settings: EvalSettings, scorer: Scorer,
-            threshold: float) -> tuple[float, float, float]:
-    """Copy rate, near-copy rate and median pixel MSE of the validation generations."""
-    prompts = [p for p in validation.prompts for _ in settings.seeds]
-    seeds = [s for _ in validation.prompts for s in settings.seeds]
+               threshold: float,
+               attack: AttackConfig | None = None) -> tuple[float, float, float]:
+    """Copy rate, near-copy rate and median pixel MSE of the validation generations: from
+    the prompts, or with ``attack`` from the embeddings the attack found against the edit."""
     with masks_applied(pipe, masks):
-        images = generate_images(pipe, prompts, seeds, settings.sampling)
-    scores = score_group(images, validation, settings, {"mse": scorer})
+        if attack is None:
+            prompts = [p for p in validation.prompts for _ in settings.seeds]
+            seeds = [s for _ in validation.prompts for s in settings.seeds]
+            images = generate_images(pipe, prompts, seeds, settings.sampling)
+            scores = score_group(images, validation, settings, {"mse": scorer})
+        else:
+            with frozen(pipe):
+                run = attack_group(pipe, validation, "target", attack, settings,
+                                   {"mse": scorer}, None, prompt_embeddings(pipe, [""]))
+            scores = run.scores[attack.steps]
     table = np.array([row["mse"] for row in scores["per_prompt"]])
     return (float((table < threshold).mean()), float((table < 2 * threshold).mean()),
             float(np.median(table)))
@@ -205,7 +220,8 @@ def calibrate(pipe, memorized: ActivationStats, reference: ActivationStats,
                                              "ordinary": ordinary.name,
                                              "ordinary_sha256": ordinary.sha256})
     result.points.append(CalibrationPoint(0.0, 0, *copy_rates(pipe, None, validation, settings,
-                                                           scorer, calibration.threshold),
+                                                           scorer, calibration.threshold,
+                                                           calibration.attack),
                                           float(before.mean()), 0.0, 0.0))
     chosen = None
     for k in tqdm(calibration.ks, desc="calibrating k", unit="k", disable=not progress):
@@ -213,7 +229,7 @@ def calibrate(pipe, memorized: ActivationStats, reference: ActivationStats,
                                    allow_empty=True)
         point = CalibrationPoint(k, subspace.num_selected,
                                  *copy_rates(pipe, subspace.masks, validation, settings, scorer,
-                                          calibration.threshold))
+                                             calibration.threshold, calibration.attack))
         if point.copy_rate <= calibration.target_rate:
             after = utility_values(pipe, subspace.masks, ordinary, settings, clip)[1]
             drop = before - after

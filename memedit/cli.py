@@ -184,10 +184,14 @@ def method_options(func):
                   help="Harden the edit against the embedding attack: rounds of attacking the "
                        "edited model on the memorized prompts' training images and zeroing "
                        "what the attack's triggers lean on too (0: off).")
-    @click.option("--harden-lr", type=float, default=0.01, show_default=True,
-                  help="With --harden-rounds: the attack's Adam learning rate.")
-    @click.option("--harden-steps", type=click.IntRange(min=1), default=100,
-                  show_default=True, help="With --harden-rounds: the attack's steps.")
+    @click.option("--under-attack", is_flag=True,
+                  help="With --target-rate: measure the validation copies under the embedding "
+                       "attack (--attack-lr, --attack-steps) against each candidate edit.")
+    @click.option("--attack-lr", type=float, default=0.01, show_default=True,
+                  help="With --harden-rounds or --under-attack: the attack's Adam learning rate.")
+    @click.option("--attack-steps", type=click.IntRange(min=1), default=50,
+                  show_default=True,
+                  help="With --harden-rounds or --under-attack: the attack's steps.")
     @sampling_options
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -252,6 +256,9 @@ def _locate(opts: dict):
         raise MemeditError("--target-rate and --harden-rounds work on the memorized prompts' "
                            "training images, and statistics files hold none.",
                            "Pass --memorized (JSONL with each prompt's training image).")
+    if opts["under_attack"] and target is None:
+        raise MemeditError("--under-attack is how --target-rate measures copies.",
+                           "Pass --target-rate R with it.")
     if target is not None and opts["harden_rounds"]:
         raise MemeditError("--target-rate and --harden-rounds cannot be combined yet.",
                            "Choose one of them.")
@@ -296,12 +303,16 @@ def _locate(opts: dict):
 
 
 def _hardening(opts: dict):
-    from memedit.evaluation.attack import AttackConfig
     from memedit.hardening import HardenConfig
 
-    return HardenConfig(opts["harden_rounds"],
-                        AttackConfig(lr=opts["harden_lr"], steps=opts["harden_steps"],
-                                     checkpoints=()))
+    return HardenConfig(opts["harden_rounds"], _locate_attack(opts))
+
+
+def _locate_attack(opts: dict):
+    """The attacker an edit is hardened or calibrated against, scored at its last step."""
+    from memedit.evaluation.attack import AttackConfig
+
+    return AttackConfig(lr=opts["attack_lr"], steps=opts["attack_steps"], checkpoints=())
 
 
 def _calibration_config(opts: dict):
@@ -319,7 +330,8 @@ def _calibration_config(opts: dict):
                                "For example 0.01,0.02,0.03.") from None
     seeds = tuple(range(100, 100 + opts["calibration_seeds"]))
     return CalibrationConfig(opts["target_rate"], ks, opts["utility_budget"],
-                             opts["validation_fraction"], seeds, seeds)
+                             opts["validation_fraction"], seeds, seeds,
+                             attack=_locate_attack(opts) if opts["under_attack"] else None)
 
 
 def _ordinary(opts: dict):
@@ -391,8 +403,11 @@ def _render_subspace(summary: dict) -> str:
         from memedit.calibration import calibration_table
 
         record = summary["calibration"]
+        attack = record.get("under_attack")
+        under = "" if attack is None else (f" under attack (Adam lr {attack['lr']:g}, "
+                                           f"{attack['steps']} steps)")
         text += (f"\n\nk calibrated on {record['validation']['count']} validation prompts: "
-                 f"copies <= {record['target_rate']}, {record['utility']} drop <= "
+                 f"copies{under} <= {record['target_rate']}, {record['utility']} drop <= "
                  f"{record['utility_budget']}\n" + calibration_table(record))
     return text
 

@@ -48,7 +48,7 @@ from memedit.subspace import Subspace
 def _hardening_attack() -> AttackConfig:
     # The budget that brings the default edit's copies back on the embedded model (lr 0.1
     # overshoots its small text encoder; see shared/attack.md), scored at the end only.
-    return AttackConfig(lr=0.01, steps=100, checkpoints=())
+    return AttackConfig(lr=0.01, steps=50, checkpoints=())
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import memedit
@@ -34,7 +35,7 @@ def fake_measures(monkeypatch, rates: list[float], utilities: dict[int, float]):
     is the original); the utility of the original is 0.5, of the chosen k ``utilities[n]``."""
     calls = {"copies": 0, "utility": []}
 
-    def copies(pipe, masks, validation, settings, scorer, threshold):
+    def copies(pipe, masks, validation, settings, scorer, threshold, attack):
         rate = rates[calls["copies"]]
         calls["copies"] += 1
         return rate, min(1.0, 2 * rate), 0.01
@@ -145,3 +146,25 @@ def test_cli_target_rate_needs_prompts_with_images(tiny_model_dir, tmp_path):
     assert result.exit_code == 2, result.output
     assert "name none" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_copies_under_attack_leave_the_weights_as_they_were(tiny_pipe, inputs):
+    """--under-attack measures the validation copies from the attack's embeddings, against
+    the candidate edit applied in memory; nothing of either stays behind."""
+    from memedit.evaluation.attack import AttackConfig
+    from memedit.evaluation.harness import EvalSettings
+    from memedit.evaluation.similarity import Scorer
+
+    memorized, _ = inputs
+    validation = memorized.subset(range(2), "validation")
+    before = {n: p.detach().clone() for n, p in tiny_pipe.unet.named_parameters()}
+    masks = {key: torch.rand(p.shape) < 0.05 for key, p in (
+        ("unet/" + n, p) for n, p in tiny_pipe.unet.named_parameters()
+        if n.endswith("ff.net.2.weight"))}
+    settings = EvalSettings(sampling=SamplingConfig(steps=4), seeds=(1,), progress=False)
+    attack = AttackConfig(lr=0.05, steps=2, pairs=1, checkpoints=())
+    rate, near, median = calibration.copy_rates(tiny_pipe, masks, validation, settings,
+                                                Scorer("mse"), 0.01, attack)
+    assert 0 <= rate <= near <= 1 and median > 0
+    for name, param in tiny_pipe.unet.named_parameters():
+        assert torch.equal(param, before[name]) and param.grad is None, name
