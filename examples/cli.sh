@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The command line end to end on the embedded test model (about two minutes on 2 CPU cores).
+# The command line end to end on the embedded test model (a few minutes on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 memedit=.venv/bin/memedit
@@ -33,3 +33,9 @@ $memedit inspect "$runs/sanitized"
 $memedit export --onnx "$runs/sanitized" --out "$runs/onnx" --overwrite
 $memedit generate --onnx "$runs/onnx" "a red circle on the left" --out "$runs/generated" \
   --overwrite
+
+# 5. Attack the sanitized model: optimize each held-out prompt's text embedding towards its
+#    training image and see whether the copies come back (a control aims at never-trained
+#    images and must stay at zero).
+$memedit attack --model "$runs/sanitized" --lr 0.01 --attack-steps 10 --prompt-batch 10 \
+  --seeds 2 --out "$runs/attack" --overwrite

@@ -35,6 +35,24 @@ def _seeds(count: int, start: int) -> tuple[int, ...]:
     return tuple(range(start, start + count))
 
 
+def _size_options() -> list:
+    return [click.option("--height", type=int, default=None,
+                         help="Image height (default: the model's native size)."),
+            click.option("--width", type=int, default=None,
+                         help="Image width (default: the model's native size).")]
+
+
+def _run_options() -> list:
+    """Where a command runs and what it prints: shared by every command that samples."""
+    return [click.option("--json", "as_json", is_flag=True,
+                         help="Print the JSON report on stdout instead of the table."),
+            click.option("--device", default="auto", show_default=True),
+            click.option("--dtype", default="auto", show_default=True),
+            click.option("--allow-pickle", is_flag=True,
+                         help="Load pickled checkpoints (unsafe)."),
+            click.option("--quiet", is_flag=True, help="No progress bars.")]
+
+
 def sampling_options(func):
     """Options shared by every command that samples."""
     options = [
@@ -53,16 +71,8 @@ def sampling_options(func):
                      default="pipeline", show_default=True,
                      help="The detector's sampler: the pipeline's own, or DDIM over every "
                           "step as Wen et al. ran it."),
-        click.option("--height", type=int, default=None,
-                     help="Image height (default: the model's native size)."),
-        click.option("--width", type=int, default=None,
-                     help="Image width (default: the model's native size)."),
-        click.option("--json", "as_json", is_flag=True,
-                     help="Print the JSON report on stdout instead of the table."),
-        click.option("--device", default="auto", show_default=True),
-        click.option("--dtype", default="auto", show_default=True),
-        click.option("--allow-pickle", is_flag=True, help="Load pickled checkpoints (unsafe)."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
+        *_size_options(),
+        *_run_options(),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), func)
 
@@ -522,21 +532,13 @@ def attack_options(func):
                      help="Generation seeds per prompt and checkpoint."),
         click.option("--seed-start", default=100, show_default=True,
                      help="First generation seed; seeds are consecutive."),
-        click.option("--height", type=int, default=None,
-                     help="Image height (default: the model's native size)."),
-        click.option("--width", type=int, default=None,
-                     help="Image width (default: the model's native size)."),
+        *_size_options(),
         click.option("--grid-prompts", default=4, show_default=True,
                      help="Prompts shown in grid.png (target and control each)."),
         click.option("--out", required=True, type=path,
                      help="Folder for report.json, table.txt, curve.png, grid.png."),
         click.option("--overwrite", is_flag=True),
-        click.option("--json", "as_json", is_flag=True,
-                     help="Print the JSON report on stdout instead of the table."),
-        click.option("--device", default="auto", show_default=True),
-        click.option("--dtype", default="auto", show_default=True),
-        click.option("--allow-pickle", is_flag=True, help="Load pickled checkpoints (unsafe)."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
+        *_run_options(),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), func)
 
