@@ -312,7 +312,8 @@ def _locate_attack(opts: dict):
     """The attacker an edit is hardened or calibrated against, scored at its last step."""
     from memedit.evaluation.attack import AttackConfig
 
-    return AttackConfig(lr=opts["attack_lr"], steps=opts["attack_steps"], checkpoints=())
+    return AttackConfig(lr=opts["attack_lr"], steps=opts["attack_steps"], checkpoints=(),
+                        prompt_batch=opts["batch_size"])
 
 
 def _calibration_config(opts: dict):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -41,6 +42,7 @@ from memedit.locate import (
     select_subspace,
 )
 from memedit.prompts import PromptSet
+from memedit.sampling import batches
 from memedit.statistics import ActivationStats
 from memedit.subspace import Subspace
 
@@ -83,15 +85,20 @@ def harden(pipe, memorized: PromptSet, stats_mem: ActivationStats, stats_ref: Ac
     rounds = []
     for number in tqdm(range(1, hardening.rounds + 1), desc="hardening", unit="round",
                        disable=not progress):
-        gens = [torch.Generator("cpu").manual_seed(hardening.attack.seed + number * 1000 + i)
-                for i in range(len(memorized))]
+        triggers, losses = [], []
         with frozen(pipe), masks_applied(pipe, masks):
-            snapshots, losses = optimize_embeddings(pipe, y_prompt, z0, hardening.attack, gens)
+            for chunk in batches(range(len(memorized)), hardening.attack.prompt_batch):
+                gens = [torch.Generator("cpu").manual_seed(
+                    hardening.attack.seed + number * 1000 + i) for i in chunk]
+                snapshots, chunk_losses = optimize_embeddings(pipe, y_prompt[chunk], z0[chunk],
+                                                              hardening.attack, gens)
+                triggers.append(snapshots[hardening.attack.steps])
+                losses.append(chunk_losses)
+        losses = np.concatenate(losses)
         # Recorded on the original weights, as the located statistics are: they add up, and
         # the Wanda scores weigh the original |W| by them.
         stats_attack = record_embedding_statistics(
-            pipe, snapshots[hardening.attack.steps], f"attack-round-{number}", config, source,
-            progress=False)
+            pipe, torch.cat(triggers), f"attack-round-{number}", config, source, progress=False)
         stats_mem = stats_mem.merge(stats_attack)
         grown = select_subspace(pipe, stats_mem, stats_ref, config, source).masks
         before = sum(int(m.sum()) for m in masks.values())

@@ -187,7 +187,10 @@ def _attack_config(options: dict):
 
     if not options["attack_steps"]:
         return None
-    return AttackConfig(lr=options["attack_lr"], steps=options["attack_steps"], checkpoints=())
+    # Prompts are attacked a batch at a time: each has its own noise generator, so the
+    # result is the same as one at a time, only faster.
+    return AttackConfig(lr=options["attack_lr"], steps=options["attack_steps"], checkpoints=(),
+                        prompt_batch=options["batch_size"])
 
 
 def _detector_steps(options: dict) -> int | None:
