@@ -162,7 +162,8 @@ def copy_rates(pipe, masks, validation: PromptSet, settings: EvalSettings, score
         else:
             with frozen(pipe):
                 run = attack_group(pipe, validation, "target", attack, settings,
-                                   {"mse": scorer}, None, prompt_embeddings(pipe, [""]))
+                                   {"mse": scorer}, None, prompt_embeddings(pipe, [""]),
+                                   scored=(attack.steps,))
             scores = run.scores[attack.steps]
     table = np.array([row["mse"] for row in scores["per_prompt"]])
     return (float((table < threshold).mean()), float((table < 2 * threshold).mean()),

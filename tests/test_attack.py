@@ -237,3 +237,19 @@ def test_embedded_model_control_stays_clean(tmp_path):
         assert control["rates"]["0.01"]["generation_rate"] == 0
         target = result.target.scores[step]["measures"][measure]
         assert target["median"] < 0.02 < control["median"]
+
+
+def test_scoring_only_the_last_step_gives_the_same_figures(tiny_pipe, memorized):
+    """evaluate's column and calibration score the end only: no step-0 generations, the same
+    figures at the end as a full run."""
+    from memedit.evaluation.attack import attack_group
+    from memedit.evaluation.harness import _scorers
+
+    config = AttackConfig(steps=2, pairs=1, checkpoints=())
+    scorers = _scorers(FAST, None)
+    negative = prompt_embeddings(tiny_pipe, [""])
+    full = attack_group(tiny_pipe, memorized, "target", config, FAST, scorers, None, negative)
+    end = attack_group(tiny_pipe, memorized, "target", config, FAST, scorers, None, negative,
+                       scored=(config.steps,))
+    assert set(full.scores) == {0, 2} and set(end.scores) == {2}
+    assert end.scores[2]["measures"] == full.scores[2]["measures"]

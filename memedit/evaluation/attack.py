@@ -316,9 +316,13 @@ def check_targets(group: PromptSet) -> None:
 
 def attack_group(pipe, group: PromptSet, role: str, config: AttackConfig,
                  settings: EvalSettings, scorers: dict, start_prompts: PromptSet | None,
-                 negative: torch.Tensor) -> AttackRun:
+                 negative: torch.Tensor, scored: Sequence[int] | None = None) -> AttackRun:
     """Attack every prompt of ``group`` towards its (first) training image, then generate
-    from the embedding at each checkpoint and score it like ``evaluate`` does."""
+    from the embedding at each checkpoint and score it like ``evaluate`` does.
+
+    ``scored``: the checkpoints to generate from (default: all). A caller that needs only the
+    end, as ``evaluate``'s column and calibration, passes ``(config.steps,)``: step 0 would
+    only repeat the generations it has already scored, and no grid is drawn then."""
     show = settings.progress
     y_prompt = prompt_embeddings(pipe, group.prompts)
     z0_all = target_latents(pipe, group, settings.sampling)
@@ -347,9 +351,10 @@ def attack_group(pipe, group: PromptSet, role: str, config: AttackConfig,
     scores, grid = {}, {}
     rows = min(settings.grid_prompts, len(group))
     seeds = settings.seeds
-    with tqdm(total=len(config.checkpoints) * len(group) * len(seeds), desc=f"generate {role}",
+    steps = config.checkpoints if scored is None else tuple(scored)
+    with tqdm(total=len(steps) * len(group) * len(seeds), desc=f"generate {role}",
               unit="image", disable=not show, leave=False) as bar:
-        for step in config.checkpoints:
+        for step in steps:
             embeds = by_step[step].repeat_interleave(len(seeds), dim=0)
             images = generate_from_embeddings(pipe, embeds, negative_cpu,
                                               _repeat(group.prompts, seeds)[1], settings, bar)
@@ -359,7 +364,7 @@ def attack_group(pipe, group: PromptSet, role: str, config: AttackConfig,
                 grid["original"] = first_seed
             if step == config.steps:
                 grid["attacked"] = first_seed
-    if "original" not in grid:  # another start: draw the prompts themselves for the grid
+    if "original" not in grid and scored is None:  # another start: draw the prompts instead
         grid["original"] = list(generate_from_embeddings(
             pipe, y_prompt[:rows].cpu(), negative_cpu, [seeds[0]] * rows, settings))
     generated = time.perf_counter()

@@ -343,7 +343,7 @@ def _under_attack(pipe, group: PromptSet, settings: EvalSettings, scorers: dict[
     with frozen(pipe), tqdm(total=1, desc=desc, unit="group", leave=False,
                             disable=not settings.progress) as bar:
         run = attack_group(pipe, group, "target", config, quiet, scorers, None,
-                           prompt_embeddings(pipe, [""]))
+                           prompt_embeddings(pipe, [""]), scored=(config.steps,))
         bar.update(1)
     return {"attack": config.describe(), "steps": config.steps,
             "measures": run.scores[config.steps]["measures"],
