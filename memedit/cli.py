@@ -147,7 +147,8 @@ def method_options(func):
     @click.option("--reference-stats", multiple=True, type=click.Path(path_type=Path),
                   help="Use saved statistics instead of --reference (repeat to merge).")
     @click.option("--save-stats", type=click.Path(path_type=Path), default=None,
-                  help="Folder to save both sets' statistics in (to merge runs later).")
+                  help="New folder to save both sets' statistics in (to merge runs later); "
+                       "written even if the selection is then refused.")
     @click.option("--targets", default="ff_out", show_default=True,
                   help="Layers to edit, comma-separated: ff_out, ff_in, attn2_k, attn2_v, "
                        "text_mlp.")
