@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memedit.errors import MemeditError
-from memedit.export.audit import AuditReport, audit_export
-from memedit.export.onnx import (
+from memedit.subspace import MANIFEST_FILE, Subspace
+from memedit.weights import read_tensors, tensor_sha256
+
+from .audit import AuditReport, audit_export
+from .onnx import (
     EXPORT_RECORD,
     PROVENANCE_DIR,
     ExportInfo,
@@ -32,7 +35,7 @@ from memedit.export.onnx import (
     read_record,
     write_record,
 )
-from memedit.export.parity import (
+from .parity import (
     Case,
     ParityInputs,
     ParityReport,
@@ -40,9 +43,7 @@ from memedit.export.parity import (
     ort_parity,
     torch_references,
 )
-from memedit.export.runtime import load_ort_pipeline, ort_failures
-from memedit.subspace import MANIFEST_FILE, Subspace
-from memedit.weights import read_tensors, tensor_sha256
+from .runtime import load_ort_pipeline, ort_failures
 
 if TYPE_CHECKING:
     import torch
@@ -260,7 +261,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
     note = "" if carried else ("not run: the model carries no memedit subspace (not sanitized "
                                "by memedit); pass --subspace DIR to audit against one")
     dtype = "float16" if options.fp16 else "float32"
-    from memedit.export.onnx import export_device
+    from .onnx import export_device
 
     pipe, _ = load_pipeline(source.path, export_device(options), dtype, allow_pickle)
     with atomic_output_dir(out, overwrite, [source.path, subspace], "onnx-export") as tmp:

@@ -44,7 +44,7 @@ def _threshold_options(command):
 
 
 def _parity_args(kwargs):
-    from memedit.export.parity import ParityInputs, Thresholds
+    from .parity import ParityInputs, Thresholds
 
     thresholds = Thresholds(kwargs.pop("max_abs"), kwargs.pop("mean_abs"),
                             kwargs.pop("image_max_abs"), kwargs.pop("min_psnr"))
@@ -62,7 +62,7 @@ EXIT_FAILED, EXIT_NOT_VERIFIABLE = 1, 3
 def _run_checked(action, as_json: bool):
     """Run an export/verify action; print the report; exit 1 if it failed, 3 if the
     sanitization could not be verified."""
-    from memedit.export.api import NOT_VERIFIABLE, VerificationFailed, failure
+    from .api import NOT_VERIFIABLE, VerificationFailed, failure
 
     try:
         report = action()
@@ -107,8 +107,8 @@ def export_command(model, out, overwrite, subspace, opset, fp16, parity,
     Exit status: 0 passed; 1 audit or parity failed (nothing written); 2 user error; 3
     written, but the audit could not be tied to the subspace's recorded hashes.
     """
-    from memedit.export.api import export_onnx
-    from memedit.export.onnx import ExportOptions
+    from .api import export_onnx
+    from .onnx import ExportOptions
 
     thresholds, inputs = _parity_args(kwargs)
     options = ExportOptions(opset, fp16, optimum_validation)
@@ -137,7 +137,7 @@ def verify_onnx_command(onnx_dir, model, subspace, provider, allow_pickle, as_js
     against, or the export's record, its stored subspace or the manifest's hashes are
     missing).
     """
-    from memedit.export.api import verify_onnx
+    from .api import verify_onnx
 
     thresholds, inputs = _parity_args(kwargs)
     _run_checked(lambda: verify_onnx(onnx_dir, model, subspace, thresholds, inputs, True,
@@ -187,7 +187,7 @@ def generate_command(prompts, onnx_dir, model, out, overwrite, seed, num_images,
         check_output(path, overwrite, read, kind="file")
     running = contextlib.nullcontext()
     if onnx_dir is not None:
-        from memedit.export.runtime import audit_warning, load_ort_pipeline, ort_failures
+        from .runtime import audit_warning, load_ort_pipeline, ort_failures
 
         warning = audit_warning(onnx_dir)
         if warning is not None:

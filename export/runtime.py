@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from memedit.errors import MemeditError
-from memedit.export.onnx import EXPORT_RECORD, PROVENANCE_DIR, read_record
 from memedit.sampling import SamplingConfig, generate_images
+
+from .onnx import EXPORT_RECORD, PROVENANCE_DIR, read_record
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
