@@ -19,6 +19,7 @@ from memedit.baking import BakeResult, apply_subspace, bake
 from memedit.calibration import CalibrationConfig, calibrate
 from memedit.compare import compare_subspaces
 from memedit.errors import MemeditError
+from memedit.evaluation.api import EvaluationReport, detect, evaluate, sweep
 from memedit.evaluation.attack import AttackConfig, attack
 from memedit.inspection import verify_sanitized
 from memedit.loading import load_pipeline, resolve_model
@@ -33,6 +34,7 @@ __all__ = [
     "AttackConfig",
     "BakeResult",
     "CalibrationConfig",
+    "EvaluationReport",
     "LocateConfig",
     "MemeditError",
     "PromptSet",
@@ -44,7 +46,9 @@ __all__ = [
     "bake",
     "calibrate",
     "compare_subspaces",
+    "detect",
     "empty_reference",
+    "evaluate",
     "load_pipeline",
     "locate",
     "merge_stats",
@@ -52,5 +56,6 @@ __all__ = [
     "record_statistics",
     "resolve_model",
     "select_subspace",
+    "sweep",
     "verify_sanitized",
 ]

@@ -1,4 +1,6 @@
-"""Click commands ``evaluate``, ``sweep`` and ``detect`` (registered in ``memedit.cli``).
+"""Click commands ``evaluate``, ``sweep``, ``detect`` and ``attack`` (registered in
+``memedit.cli``): they parse options, call the API of the same name
+(:mod:`memedit.evaluation.api`) and print.
 
 They raise :class:`memedit.errors.MemeditError` for anything the user can fix; the top-level
 CLI prints it with its hint.
@@ -7,7 +9,6 @@ CLI prints it with its hint.
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -27,12 +28,6 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
     if not values:
         raise MemeditError(f"{what} is empty.", "Give at least one number.")
     return values
-
-
-def _seeds(count: int, start: int) -> tuple[int, ...]:
-    if count < 1:
-        raise MemeditError("--seeds must be at least 1.", "Pass the number of seeds per prompt.")
-    return tuple(range(start, start + count))
 
 
 def _size_options() -> list:
@@ -60,7 +55,7 @@ def sampling_options(func):
         click.option("--guidance-scale", default=7.5, show_default=True,
                      help="Classifier-free guidance scale."),
         click.option("--batch-size", default=8, show_default=True),
-        click.option("--seeds", "seed_count", default=4, show_default=True,
+        click.option("--seeds", "seeds", default=4, show_default=True,
                      help="Seeds per memorized prompt (the detector uses them too)."),
         click.option("--seed-start", default=100, show_default=True,
                      help="First seed; seeds are consecutive. Away from the locate seed (0)."),
@@ -93,7 +88,7 @@ def evaluation_options(func):
         click.option("--locate-fraction", default=0.5, show_default=True,
                      help="With --k and no --locate-prompts: locate on this first part of "
                           "--memorized, hold out the rest."),
-        click.option("--k", "ks", help="Comma-separated k values: locate once per k on the "
+        click.option("--k", "k", help="Comma-separated k values: locate once per k on the "
                                        "locate prompts and evaluate each (a sweep)."),
         click.option("--reference", type=click.Path(path_type=Path),
                      help="Sweep: reference prompts for locating (default: the empty prompt)."),
@@ -133,12 +128,12 @@ def evaluation_options(func):
                      help="Primary similarity: auto = sscd with --sscd, else mse."),
         click.option("--sscd", type=click.Path(path_type=Path),
                      help="SSCD TorchScript file (sscd_disc_mixup.torchscript.pt)."),
-        click.option("--threshold", "thresholds",
+        click.option("--threshold", "threshold",
                      help="Comma-separated thresholds for the primary measure "
                           "(default: sscd 0.7,0.5; mse 0.01)."),
         click.option("--gt-aggregate", type=click.Choice(["max", "mean"]), default="max",
                      show_default=True, help="Over a prompt's several training images."),
-        click.option("--clip", "clip_dir", type=click.Path(path_type=Path),
+        click.option("--clip", "clip", type=click.Path(path_type=Path),
                      help="Local CLIP model folder for the CLIP score."),
         click.option("--grid-prompts", default=4, show_default=True),
         click.option("--also", multiple=True, type=click.Path(path_type=Path),
@@ -159,219 +154,20 @@ def evaluation_options(func):
     return functools.reduce(lambda f, option: option(f), reversed(options), func)
 
 
-def _settings(options: dict, measure: str):
-    from memedit.evaluation.harness import EvalSettings
-    from memedit.sampling import SamplingConfig
-
-    sampling = SamplingConfig(steps=options["steps"], guidance_scale=options["guidance_scale"],
-                              batch_size=options["batch_size"], height=options["height"],
-                              width=options["width"])
-    return EvalSettings(
-        sampling=sampling,
-        seeds=_seeds(options["seed_count"], options["seed_start"]),
-        ordinary_seeds=_seeds(options["ordinary_seeds"], options["seed_start"]),
-        measure=measure,
-        thresholds=_floats(options["thresholds"], "--threshold"),
-        gt_aggregate=options["gt_aggregate"],
-        detector_steps=_detector_steps(options),
-        detector_scheduler=options["detector_scheduler"],
-        grid_prompts=options["grid_prompts"],
-        progress=not options["quiet"],
-        attack=_attack_config(options),
-    )
+def _parsed(options: dict) -> dict:
+    """The command's options as the API takes them: comma-separated lists become tuples."""
+    return options | {"k": _floats(options["k"], "--k"),
+                      "threshold": _floats(options["threshold"], "--threshold")}
 
 
-def _attack_config(options: dict):
-    """evaluate/sweep's attack column: the published attack on y, scored at its last step."""
-    from memedit.evaluation.attack import AttackConfig
+def _print_evaluation(evaluation, as_json: bool) -> None:
+    from memedit.evaluation.report import report_json
 
-    if not options["attack_steps"]:
-        return None
-    # Prompts are attacked a batch at a time: each has its own noise generator, so the
-    # result is the same as one at a time, only faster.
-    return AttackConfig(lr=options["attack_lr"], steps=options["attack_steps"], checkpoints=(),
-                        prompt_batch=options["batch_size"])
-
-
-def _detector_steps(options: dict) -> int | None:
-    """``None`` (every step) for Wen et al.'s DDIM set-up unless the user chose a number."""
-    if options["detector_steps"] is not None:
-        return options["detector_steps"]
-    return None if options["detector_scheduler"] == "ddim" else 5
-
-
-def _controls(text: str) -> tuple[str, ...] | None:
-    """``None`` means "auto"."""
-    if text == "auto":
-        return None
-    if text == "none":
-        return ()
-    names = tuple(c.strip() for c in text.split(",") if c.strip())
-    unknown = [c for c in names if c not in ("random", "nemo")]
-    if unknown:
-        raise MemeditError(f"Unknown control {', '.join(unknown)}.",
-                           "Use random, nemo, none or auto.")
-    return names
-
-
-def _bake_source(model) -> dict | None:
-    """Where a memedit-baked ``model`` came from (``spec``, ``path``), else ``None``."""
-    from memedit.inspection import provenance
-
-    if model is None or not Path(model).is_dir():
-        return None
-    info = provenance(Path(model))
-    return info.get("source") if info else None
-
-
-def _embedded_defaults(model, options: dict) -> None:
-    """Fill in the embedded test model's prompt files where the user gave none: for the
-    embedded model itself, and for a model baked from it."""
-    source = _bake_source(model)
-    if source is not None and source.get("spec") == "memedit-testbed":
-        model = None
-    wanted = {"memorized": "memorized_heldout", "ordinary": "ordinary_unseen",
-              "locate_prompts": "memorized_locate", "nemo_reference": "ordinary_seen"}
-    missing = [key for key in wanted if options[key] is None]
-    if options["memorized"] is not None and "locate_prompts" in missing:
-        missing.remove("locate_prompts")  # the user's own memorized set: split it, not ours
-    if not missing:
-        return
-    if model is not None:
-        if {"memorized", "ordinary"} & set(missing):
-            raise MemeditError("--memorized and --ordinary are required for a model other "
-                               "than the embedded one.",
-                               "Pass a JSONL of memorized prompts with their training images, "
-                               "and a file of ordinary prompts.")
-        return
-    try:
-        from memedit.testbed import prompt_file
-    except ImportError:
-        raise MemeditError("This build has no embedded test model prompts.",
-                           "Pass --model, --memorized and --ordinary.") from None
-    for key in missing:
-        options[key] = prompt_file(wanted[key])
-
-
-def _inputs(model, baseline, options: dict) -> list:
-    """The paths an evaluation reads (models, prompt files, scorers): its output spares them."""
-    origin = (_bake_source(model) or {}).get("path")  # the baseline a baked model implies
-    return [model, baseline, origin, *options.get("also", ()), *(options.get(key) for key in (
-        "memorized", "ordinary", "locate_prompts", "reference", "nemo_reference", "sscd",
-        "clip_dir"))]
-
-
-def _other_edit(path, baseline_source):
-    """The subspace of another model baked from the evaluated one's original (``--also``)."""
-    from memedit.baking import check_model_matches
-    from memedit.subspace import Subspace
-
-    if baseline_source is None:
-        raise MemeditError("--also applies other edits to the original, and there is none.",
-                           "Pass --baseline ORIGINAL (or evaluate a model memedit baked).")
-    subspace = Subspace.load(path)
-    # Its edited tensors must be the original's before the edit: it is an edit of this model.
-    check_model_matches(baseline_source, subspace, baseline_source.allow_pickle)
-    return subspace
-
-
-def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
-    """Shared body of ``evaluate`` and ``sweep``."""
-    from memedit.evaluation import figures, report
-    from memedit.evaluation.harness import Inputs, evaluate, split_memorized, sweep
-    from memedit.evaluation.similarity import SSCD
-    from memedit.evaluation.utility import CLIPScorer
-    from memedit.loading import load_pipeline
-    from memedit.locate import LocateConfig
-    from memedit.outputs import atomic_output_dir
-    from memedit.prompts import read_prompts
-    from memedit.subspace import Subspace
-    from memedit.targets import parse_target_kinds
-
-    ks = _floats(options["ks"], "--k")
-    if sweep_mode and ks is None:
-        raise MemeditError("A sweep needs the k values.", "Pass --k 0.005,0.01,0.02.")
-    if ks is not None and baseline is not None:
-        raise MemeditError("With --k, --model is the original and every edit is applied to it "
-                           "in memory, so --baseline has no role.",
-                           "Drop --baseline, or drop --k to evaluate a baked model.")
-    if ks is not None and options["also"]:
-        raise MemeditError("With --k every edit is located in memory; --also adds baked ones "
-                           "to an evaluate.", "Drop --also, or drop --k.")
-    out = options["out"]
-    measure = options["measure"]
-    if measure == "auto":
-        measure = "sscd" if options["sscd"] else "mse"
-    settings = _settings(options, measure)
-    _embedded_defaults(model, options)
-    memorized = read_prompts(options["memorized"], "memorized")
-    ordinary = read_prompts(options["ordinary"], "ordinary")
-    locate_prompts = (read_prompts(options["locate_prompts"], "locate")
-                      if options["locate_prompts"] else None)
-    if ks is not None and locate_prompts is None:
-        locate_prompts, memorized = split_memorized(memorized, options["locate_fraction"])
-    device = options["device"]
-    sscd = SSCD(options["sscd"]) if options["sscd"] else None
-    clip = CLIPScorer(options["clip_dir"]) if options["clip_dir"] else None
-    inputs = Inputs(memorized, ordinary, locate_prompts, sscd, clip)
-    controls = _controls(options["controls"])
-    nemo = {"mode": options["nemo_mode"], "seeds": options["nemo_seeds"],
-            "steps": options["nemo_steps"],
-            "z_threshold": options["nemo_z"], "max_per_prompt": options["nemo_max"],
-            "reference": read_prompts(options["nemo_reference"], "nemo-reference")
-            if options["nemo_reference"] else None}
-    load = functools.partial(load_pipeline, device=device, dtype=options["dtype"],
-                             allow_pickle=options["allow_pickle"])
-    if ks is not None:
-        # Sweep: --model is the original; every edit is applied in memory.
-        pipe, source = load(model)
-        config = LocateConfig(targets=parse_target_kinds(options["targets"]),
-                              tau=options["tau"],
-                              sampling=replace(settings.sampling, seed=options["locate_seed"]))
-        reference = read_prompts(options["reference"], "reference") \
-            if options["reference"] else None
-        result = sweep(pipe, inputs, settings, ks, config, reference,
-                       ("random", "nemo") if controls is None else controls, nemo)
-        context = {"model": source.spec}
+    if as_json:
+        click.echo(report_json(evaluation.report).decode(), nl=False)
     else:
-        pipe, source = load(model)
-        origin = _bake_source(model)
-        if baseline is None and origin is not None and Path(origin["path"]).is_dir():
-            baseline = origin["path"]  # the original recorded at bake time
-        baseline_pipe, baseline_source = load(baseline) if baseline else (None, None)
-        try:
-            subspace = Subspace.load(source.path)
-        except MemeditError:
-            subspace = None  # not a memedit-baked folder: no random control to match
-        if controls is None:
-            controls = tuple(c for c, ok in (("random", subspace is not None),
-                                             ("nemo", True)) if ok and baseline_pipe)
-        others = [(Path(path).name, _other_edit(path, baseline_source))
-                  for path in options["also"]]
-        result = evaluate(pipe, inputs, settings, baseline_pipe, subspace, controls, nemo,
-                          others)
-        context = {"model": source.spec,
-                   "baseline": baseline_source.spec if baseline_source else None}
-    data = report.build_report(result, context)
-    text = report.table(result)
-    # The training images are inputs too: the report may not replace a folder that holds them.
-    images = [path for group in (memorized, locate_prompts) if group is not None
-              for record in group.records for path in record.images]
-    with atomic_output_dir(out, options["overwrite"], [*_inputs(model, baseline, options),
-                                                      *images], "evaluation") as tmp:
-        (tmp / "report.json").write_bytes(report.report_json(data))
-        (tmp / "table.txt").write_text(text + "\n")
-        grid = figures.image_grid(result)
-        if grid is not None:
-            (tmp / "grid.png").write_bytes(grid)
-        plot = figures.sweep_plot(result)
-        if plot is not None:
-            (tmp / "sweep.png").write_bytes(plot)
-    if options["as_json"]:
-        click.echo(report.report_json(data).decode(), nl=False)
-    else:
-        click.echo(text)
-    click.echo(f"Wrote {out}/report.json", err=True)
+        click.echo(evaluation.table)
+    click.echo(f"Wrote {evaluation.out}/report.json", err=True)
 
 
 @click.command(name="evaluate")
@@ -381,7 +177,7 @@ def run_evaluation(model, baseline, options: dict, sweep_mode: bool) -> None:
                                  "model memedit baked: the original recorded at bake time.")
 @evaluation_options
 @sampling_options
-def evaluate_command(model, baseline, **options):
+def evaluate_command(model, baseline, as_json, **options):
     """Measure memorization before and after an edit, on held-out memorized prompts.
 
     Generates every memorized prompt with several fixed seeds and compares each generation
@@ -389,95 +185,53 @@ def evaluate_command(model, baseline, **options):
     prompts; adds the random-mask and NeMo controls. With --k it locates once per k and
     evaluates each (as `memedit sweep`).
     """
-    with hold_output(options["out"], options["overwrite"], _inputs(model, baseline, options)):
-        run_evaluation(model, baseline, options, sweep_mode=False)
+    from memedit.evaluation.api import evaluate
+
+    _print_evaluation(evaluate(model, baseline, **_parsed(options)), as_json)
 
 
 @click.command(name="sweep")
 @click.option("--model", help="The original model. Default: the embedded test model.")
 @evaluation_options
 @sampling_options
-def sweep_command(model, **options):
+def sweep_command(model, as_json, **options):
     """Locate once per k (--k 0.005,0.01,0.02) on the locate prompts and evaluate each edit,
     its random control and NeMo on held-out prompts; plots rate and utility against k."""
-    with hold_output(options["out"], options["overwrite"], _inputs(model, None, options)):
-        run_evaluation(model, None, options, sweep_mode=True)
+    from memedit.evaluation.api import sweep
+
+    _print_evaluation(sweep(model, **_parsed(options)), as_json)
 
 
 @click.command(name="detect")
 @click.option("--model", help="The model. Default: the embedded test model.")
-@click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path),
+@click.option("--prompts", required=True, type=click.Path(path_type=Path),
               help="Candidate prompts; a JSONL boolean field `memorized` adds an AUROC.")
 @click.option("--top", default=20, show_default=True, help="Rows to print.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the ranking as JSON.")
 @click.option("--overwrite", is_flag=True)
 @sampling_options
-def detect_command(model, prompts_file, top, out, overwrite, **options):
+def detect_command(model, prompts, top, out, overwrite, as_json, **options):
     """Rank prompts by Wen et al.'s memorization detector, most suspicious first.
 
     The score is ||eps(x_t, c) - eps(x_t, "")|| / sqrt(D), averaged over the first
     --detector-steps steps and over --seeds seeds. No training images are needed.
     """
-    from tqdm.auto import tqdm
-
-    from memedit.evaluation.detector import (
-        DetectorConfig,
-        auroc,
-        detector_scores,
-        scheduler_name,
-        text_noise_magnitudes,
-    )
+    from memedit.evaluation.api import detect
     from memedit.evaluation.report import detect_table, report_json
-    from memedit.loading import load_pipeline
-    from memedit.outputs import atomic_write_bytes, check_output
-    from memedit.prompts import read_prompts
-    from memedit.sampling import SamplingConfig
 
-    if out is not None:
-        check_output(out, overwrite, [model, prompts_file], kind="file")
-    prompts = read_prompts(prompts_file)
-    seeds = _seeds(options["seed_count"], options["seed_start"])
-    sampling = SamplingConfig(steps=options["steps"], guidance_scale=options["guidance_scale"],
-                              batch_size=options["batch_size"], height=options["height"],
-                              width=options["width"])
-    config = DetectorConfig(_detector_steps(options), sampling, options["detector_scheduler"])
-    pipe, source = load_pipeline(model, options["device"], options["dtype"],
-                                 options["allow_pickle"])
-    texts = [p for p in prompts.prompts for _ in seeds]
-    with tqdm(total=len(texts), desc="detect", unit="prompt", disable=options["quiet"]) as bar:
-        magnitudes = text_noise_magnitudes(pipe, texts, [s for _ in prompts.prompts
-                                                         for s in seeds], config, bar)
-    per_step = magnitudes.reshape(len(prompts), len(seeds), -1).mean(axis=1)
-    scores = detector_scores(per_step).tolist()
-    first = detector_scores(per_step, 1).tolist()
-    labels = [r.extra.get("memorized") for r in prompts.records]
-    result = {"model": source.spec, "prompts": {"source": prompts.source, "count": len(prompts),
-                                                "sha256": prompts.sha256},
-              "settings": {"steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
-                           "seeds": list(seeds),
-                           "detector_steps": "all" if config.steps is None else config.steps,
-                           "detector_scheduler": scheduler_name(pipe, config),
-                           "score": "||eps(x_t,c) - eps(x_t,'')|| / sqrt(D), mean over the "
-                                    "first steps and the seeds"},
-              "ranking": sorted(({"prompt": p, "score": s, "first_step": f, "per_step": st,
-                                  "memorized": lab}
-                                 for p, s, f, st, lab in zip(prompts.prompts, scores, first,
-                                                             per_step.tolist(), labels,
-                                                             strict=True)),
-                                key=lambda row: -row["score"])}
-    if all(isinstance(lab, bool) for lab in labels) and len(set(labels)) == 2:
-        result["auroc"] = auroc([s for s, lab in zip(scores, labels, strict=True) if lab],
-                                [s for s, lab in zip(scores, labels, strict=True) if not lab])
-    if options["as_json"]:
+    result = detect(model, prompts, out=out, overwrite=overwrite, **options)
+    if as_json:
         click.echo(report_json(result).decode(), nl=False)
     else:
-        table = detect_table(prompts.prompts, scores, first)
+        ranking = result["ranking"]
+        table = detect_table([row["prompt"] for row in ranking],
+                             [row["score"] for row in ranking],
+                             [row["first_step"] for row in ranking])
         click.echo("\n".join(table.splitlines()[: top + 2]))
         if "auroc" in result:
             click.echo(f"AUROC (memorized vs not, from the `memorized` field): "
                        f"{result['auroc']:.3f}")
     if out is not None:
-        atomic_write_bytes(out, report_json(result), overwrite, [model, prompts_file])
         click.echo(f"Wrote {out}", err=True)
 
 
@@ -564,6 +318,7 @@ def attack_command(**o):
     runs the same attack against images the model never trained on as a control: if those
     get copied too, the attack is too strong to say anything about memorization.
     """
+    from memedit.evaluation.api import bake_source, is_embedded, seed_range
     from memedit.evaluation.attack import AttackConfig, attack, testbed_control, write_outputs
     from memedit.evaluation.harness import EvalSettings
     from memedit.evaluation.report import report_json
@@ -582,11 +337,11 @@ def attack_command(**o):
         sampling=SamplingConfig(steps=o["steps"], guidance_scale=o["guidance_scale"],
                                 batch_size=o["batch_size"], height=o["height"],
                                 width=o["width"]),
-        seeds=_seeds(o["seed_count"], o["seed_start"]), measure=measure,
+        seeds=seed_range(o["seed_count"], o["seed_start"]), measure=measure,
         thresholds=_floats(o["thresholds"], "--threshold"), gt_aggregate=o["gt_aggregate"],
         grid_prompts=o["grid_prompts"], progress=not o["quiet"])
-    origin = _bake_source(o["model"])
-    embedded = o["model"] is None or (origin or {}).get("spec") == "memedit-testbed"
+    origin = bake_source(o["model"])
+    embedded = is_embedded(o["model"])
     if embedded:
         from memedit.testbed import prompt_file
 
