@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from memedit.errors import MemeditError
+from memedit.families import family_of
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -126,9 +127,13 @@ def check_models(folder: Path) -> None:
 
 def export_pipeline(pipe: DiffusionPipeline, folder: Path,
                     options: ExportOptions = ExportOptions()) -> ExportInfo:
-    """Export a loaded pipeline with Optimum into ``folder``, then run ``onnx.checker``."""
+    """Export a loaded pipeline with Optimum into ``folder``, then run ``onnx.checker``.
+
+    Optimum picks the graphs from the pipeline's components (SDXL: ``text_encoder_2`` too);
+    the model family (``memedit.families``) says which graphs the export must hold."""
     from optimum.exporters.onnx import onnx_export_from_model
 
+    family = family_of(pipe)  # an unknown pipeline is refused before Optimum runs
     device = export_device(options)
     start = time.perf_counter()
     with _optimum_warnings() as warned, torch.no_grad():
@@ -143,9 +148,15 @@ def export_pipeline(pipe: DiffusionPipeline, folder: Path,
                 do_validation=options.optimum_validation,
             )
         except (ValueError, RuntimeError, KeyError) as err:
-            raise MemeditError(f"Optimum could not export the pipeline: {err}",
-                               "Check that it is a Stable Diffusion 1.x/2.x pipeline.") from err
+            raise MemeditError(f"Optimum could not export the {family.label} pipeline: {err}",
+                               "Report this with the model and the options used.") from err
     seconds = time.perf_counter() - start
+    missing = [graph for graph in family.onnx_graphs
+               if not (folder / graph / "model.onnx").is_file()]
+    if missing:
+        raise MemeditError(f"Optimum's export of this {family.label} pipeline lacks "
+                           f"{', '.join(missing)}.",
+                           "Check the pipeline's components and the optimum-onnx version.")
     validation = "skipped"
     if options.optimum_validation:
         problems = [m for m in warned.messages if "succeeded with the warning" in m]

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from memedit.families import encode_conditioning, family_of, unet_conditioning
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
     from optimum.onnxruntime import ORTDiffusionPipeline
@@ -154,29 +156,41 @@ def torch_references(pipe: DiffusionPipeline, inputs: ParityInputs = ParityInput
     """PyTorch outputs of the text encoder, UNet, VAE decoder and encoder, and of the whole
     pipeline from fixed latents. Inputs are kept on the CPU in the pipeline's dtype."""
     gen = torch.Generator("cpu").manual_seed(inputs.seed)
-    tokenizer = pipe.tokenizer
-    # The CFG batch the pipeline runs: [prompt, ""], padded to the tokenizer's length.
-    ids = tokenizer([inputs.prompt, ""], padding="max_length", truncation=True,
-                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    family = family_of(pipe)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     cases = []
-    text = pipe.text_encoder(ids.to(device))[0]
-    cases.append(Case("text_encoder", {"input_ids": ids}, _numpy(text)))
+    # Every text encoder of the family (SDXL: two), each with its tokenizer, on the CFG batch
+    # the pipeline runs: [prompt, ""], padded to the tokenizer's length. Output 0 is compared
+    # (the last hidden state, or SDXL's pooled projection for the second encoder).
+    for encoder_name, tokenizer_name in zip(family.text_encoders, family.tokenizers,
+                                            strict=True):
+        tokenizer = getattr(pipe, tokenizer_name)
+        ids = tokenizer([inputs.prompt, ""], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        text = getattr(pipe, encoder_name)(ids.to(device))[0]
+        cases.append(Case(encoder_name, {"input_ids": ids}, _numpy(text)))
 
     size = _latent_size(pipe)
+    side = size * pipe.vae_scale_factor
     sample = torch.randn((2, pipe.unet.config.in_channels, size, size), generator=gen)
     timestep = torch.tensor(pipe.scheduler.config.num_train_timesteps // 2)
-    # The UNet gets PyTorch's text embeddings: its error is measured on its own.
-    out = pipe.unet(sample.to(device, dtype), timestep.to(device), text).sample
+    # The UNet gets PyTorch's conditioning, as the family's pipeline builds it (SDXL: both
+    # encoders' states, plus text_embeds and time_ids): its error is measured on its own.
+    conditioning = unet_conditioning(pipe, encode_conditioning(pipe, [inputs.prompt, ""]),
+                                     side, side)
+    out = pipe.unet(sample.to(device, dtype), timestep.to(device), **conditioning).sample
+    extra = conditioning.get("added_cond_kwargs", {})
     cases.append(Case("unet", {"sample": sample.to(dtype), "timestep": timestep,
-                               "encoder_hidden_states": text.cpu()}, _numpy(out)))
+                               "encoder_hidden_states":
+                               conditioning["encoder_hidden_states"].cpu(),
+                               **{name: value.cpu() for name, value in extra.items()}},
+                      _numpy(out)))
     del out
 
     latents = torch.randn((1, pipe.vae.config.latent_channels, size, size), generator=gen)
     out = pipe.vae.decode(latents.to(device, dtype)).sample
     cases.append(Case("vae_decoder", {"latent_sample": latents.to(dtype)}, _numpy(out)))
 
-    side = size * pipe.vae_scale_factor
     image = torch.rand((1, 3, side, side), generator=gen) * 2 - 1
     out = pipe.vae.encode(image.to(device, dtype)).latent_dist.parameters
     cases.append(Case("vae_encoder", {"sample": image.to(dtype)}, _numpy(out)))
@@ -197,10 +211,15 @@ def _run_ort(ort_pipe: ORTDiffusionPipeline, case: Case):
     """The same case through Optimum's ORT pipeline components (what users run)."""
     if case.image:
         return ort_pipe(latents=case.inputs["latents"], **case.call).images
-    if case.name == "text_encoder":
-        return ort_pipe.text_encoder(**case.inputs)[0]
+    if case.name.startswith("text_encoder"):
+        return getattr(ort_pipe, case.name)(**case.inputs)[0]
     if case.name == "unet":
-        return ort_pipe.unet(**case.inputs).sample
+        # Inputs past the first three are the family's added conditioning (SDXL's
+        # text_embeds and time_ids), which Optimum's UNet takes as added_cond_kwargs.
+        base = ("sample", "timestep", "encoder_hidden_states")
+        added = {name: value for name, value in case.inputs.items() if name not in base}
+        return ort_pipe.unet(**{name: case.inputs[name] for name in base},
+                             added_cond_kwargs=added or None).sample
     if case.name == "vae_decoder":
         return ort_pipe.vae_decoder(**case.inputs).sample
     return ort_pipe.vae_encoder(**case.inputs).latent_dist.parameters

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from memedit.errors import MemeditError
+from memedit.families import family_of
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,7 @@ class TargetKind:
     """A kind of linear layer: where it lives and how it is found inside a transformer block."""
 
     name: str
-    component: str
+    component: str  # "unet" or "text_encoder": the kind of component (the family says which)
     path: str  # attribute path inside a BasicTransformerBlock or a CLIP encoder layer
     description: str
 
@@ -30,7 +31,7 @@ TARGET_KINDS: dict[str, TargetKind] = {
         TargetKind("attn2_k", "unet", "attn2.to_k", "cross-attention key projection"),
         TargetKind("attn2_v", "unet", "attn2.to_v", "cross-attention value projection"),
         TargetKind("text_mlp", "text_encoder", "mlp.fc2",
-                   "second MLP linear of each CLIP text-encoder layer"),
+                   "second MLP linear of each CLIP text-encoder layer (every text encoder)"),
     )
 }
 
@@ -76,30 +77,42 @@ def _clip_layer_names(text_encoder: nn.Module) -> list[str]:
 
 
 def find_target_layers(pipe, kinds: tuple[str, ...]) -> list[tuple[TargetLayer, nn.Linear]]:
-    """Every layer of the requested kinds in ``pipe``, with its module."""
+    """Every layer of the requested kinds in ``pipe``, with its module.
+
+    Which component(s) a kind names is the model family's (``memedit.families``): ``text_mlp``
+    covers both of SDXL's text encoders, keyed ``text_encoder/...`` and ``text_encoder_2/...``.
+    """
+    family = family_of(pipe)
     found: list[tuple[TargetLayer, nn.Linear]] = []
     for kind_name in kinds:
         kind = TARGET_KINDS[kind_name]
-        component = getattr(pipe, kind.component, None)
-        if component is None:
-            raise MemeditError(f"The pipeline has no {kind.component}.",
-                               "Pass a Stable Diffusion pipeline.")
-        parents = (_transformer_block_names(component) if kind.component == "unet"
-                   else _clip_layer_names(component))
-        if not parents:
-            what = ("transformer blocks (BasicTransformerBlock)" if kind.component == "unet"
-                    else "CLIP encoder layers with an MLP")
-            raise MemeditError(
-                f"The {kind.component} has no {what}, so target {kind_name} has nothing to edit.",
-                "memedit edits UNets built from diffusers' BasicTransformerBlock (SD 1.x/2.x).",
-            )
-        for parent in parents:
-            name = f"{parent}.{kind.path}" if parent else kind.path
-            module = component.get_submodule(name)
-            if not isinstance(module, nn.Linear):
-                raise MemeditError(f"{kind.component}/{name} is a {type(module).__name__}, "
-                                   "not a linear layer.",
-                                   "This UNet's transformer blocks differ from Stable "
-                                   "Diffusion's; choose another target.")
-            found.append((TargetLayer(kind_name, kind.component, name), module))
+        for component_name in family.components_for(kind_name):
+            found += _layers_of(pipe, kind, component_name)
+    return found
+
+
+def _layers_of(pipe, kind: TargetKind, component_name: str) -> list[tuple[TargetLayer, nn.Linear]]:
+    component = getattr(pipe, component_name, None)
+    if component is None:
+        raise MemeditError(f"The pipeline has no {component_name}.",
+                           "Pass a complete pipeline folder (as `save_pretrained` writes it).")
+    is_unet = kind.component == "unet"
+    parents = _transformer_block_names(component) if is_unet else _clip_layer_names(component)
+    if not parents:
+        what = ("transformer blocks (BasicTransformerBlock)" if is_unet
+                else "CLIP encoder layers with an MLP")
+        raise MemeditError(
+            f"The {component_name} has no {what}, so target {kind.name} has nothing to edit.",
+            "memedit edits UNets built from diffusers' BasicTransformerBlock (SD 1.x/2.x/XL).",
+        )
+    found = []
+    for parent in parents:
+        name = f"{parent}.{kind.path}" if parent else kind.path
+        module = component.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise MemeditError(f"{component_name}/{name} is a {type(module).__name__}, "
+                               "not a linear layer.",
+                               "This UNet's transformer blocks differ from Stable "
+                               "Diffusion's; choose another target.")
+        found.append((TargetLayer(kind.name, component_name, name), module))
     return found

@@ -43,12 +43,25 @@ def _byte_vocab_tokenizer():
     return tokenizer
 
 
-def build_tiny_pipeline(seed: int = 0, with_transformer_blocks: bool = True):
-    """A StableDiffusionPipeline of about 1 M parameters: 4 transformer blocks in the UNet.
+def build_tiny_pipeline(seed: int = 0, with_transformer_blocks: bool = True,
+                        family: str = "sd1"):
+    """A tiny pipeline of the model family ``family`` (a name in ``memedit.families``).
 
-    ``with_transformer_blocks=False`` builds a UNet with no cross-attention blocks at all,
-    which memedit must refuse.
+    ``sd1``: a StableDiffusionPipeline of about 1 M parameters, 4 transformer blocks in the
+    UNet; ``with_transformer_blocks=False`` builds a UNet with no cross-attention blocks at
+    all, which memedit must refuse. ``sd2``: SD 2.x-shaped (linear projections, per-block head
+    counts, GELU text encoder, v-prediction). ``sdxl``: SDXL base-shaped (two text encoders,
+    the second with a projection, ``text_time`` added conditioning).
     """
+    if family != "sd1":
+        if not with_transformer_blocks:
+            raise ValueError("with_transformer_blocks=False builds an SD 1.x pipeline only")
+        builders = {"sd2": _build_tiny_sd2, "sdxl": _build_tiny_sdxl}
+        if family not in builders:
+            raise ValueError(f"no tiny fixture for family {family!r}")
+        pipe = builders[family](seed)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -120,6 +133,81 @@ def build_tiny_pipeline(seed: int = 0, with_transformer_blocks: bool = True):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4, norm_num_groups=8, sample_size=32)
+
+
+def _tiny_text_config(tokenizer, **overrides):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**{
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, "hidden_size": 32, "intermediate_size": 64,
+        "num_attention_heads": 4, "num_hidden_layers": 3, "vocab_size": len(tokenizer),
+        "max_position_embeddings": 77, "projection_dim": 32, **overrides})
+
+
+def _build_tiny_sd2(seed: int):
+    """SD 2.x as stabilityai/stable-diffusion-2-1 is configured, shrunk: linear projections
+    in the transformer blocks, ``attention_head_dim`` per block (SD 2's head counts), a GELU
+    (OpenCLIP-style) text encoder, a v-prediction DDIM scheduler, attention upcast."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
+        norm_num_groups=8)
+    tokenizer = _byte_vocab_tokenizer()
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, hidden_act="gelu"))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="v_prediction")
+    return StableDiffusionPipeline(
+        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, vae=_tiny_vae(),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def _build_tiny_sdxl(seed: int):
+    """SDXL base as stabilityai/stable-diffusion-xl-base-1.0 is configured, shrunk (as in
+    diffusers' own SDXL tests): CLIPTextModel + CLIPTextModelWithProjection whose penultimate
+    states concatenate to the cross-attention width (32 + 32), ``addition_embed_type
+    "text_time"`` whose projection reads 6 time ids x 8 + the pooled 32, transformer depth
+    per block, linear projections, an Euler scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=(2, 4), use_linear_projection=True,
+        transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=8)
+    tokenizer = _byte_vocab_tokenizer()
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, hidden_act="gelu"))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1,
+                                       timestep_spacing="leading")
+    return StableDiffusionXLPipeline(
+        unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=_byte_vocab_tokenizer(), vae=_tiny_vae(),
+        scheduler=scheduler, force_zeros_for_empty_prompt=True)
 
 
 def save_tiny_pipeline(folder: str | Path, seed: int = 0, **kwargs) -> Path:

@@ -2,7 +2,8 @@
 image, or only the path one prompt takes to it?
 
 For each memorized prompt with a known training image, the text conditioning ``y`` that the
-UNet's cross-attention reads (the text encoder's output, ``[77, d]``) is optimized with Adam
+UNet's cross-attention reads (the text encoder's output, ``[77, d]``; for SDXL also the pooled
+embedding the UNet reads, see :mod:`memedit.families`) is optimized with Adam
 to minimise the ordinary denoising loss of that training image, every weight frozen. The
 optimized ``y`` then drives classifier-free-guided generation (the empty prompt as the
 unconditional branch), scored with the evaluation's own measures and thresholds. The same
@@ -34,6 +35,7 @@ from memedit.evaluation.harness import (
     score_group,
 )
 from memedit.evaluation.similarity import MEASURES, Measure, load_image, resize, to_pil
+from memedit.families import encode_conditioning, pipeline_conditioning, unet_conditioning
 from memedit.prompts import PromptRecord, PromptSet
 from memedit.sampling import SamplingConfig, batches, generators
 
@@ -180,11 +182,11 @@ def target_latents(pipe, group: PromptSet, sampling: SamplingConfig) -> torch.Te
                       for chunk in batches(images, sampling.batch_size)])
 
 
-@torch.no_grad()
 def prompt_embeddings(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """The text encoder's output for each prompt, ``[N, 77, d]`` float32 (the attack's y)."""
-    embeds, _ = pipe.encode_prompt(list(prompts), pipe.device, 1, False)
-    return embeds.float()
+    """The conditioning the UNet reads for each prompt, ``[N, T, d]`` float32 (the attack's
+    y): the text encoder's output (SD 1.x/2.x, T = 77); for SDXL both encoders' states and the
+    pooled embedding as one more row (see :mod:`memedit.families`)."""
+    return encode_conditioning(pipe, prompts)
 
 
 @torch.no_grad()
@@ -222,8 +224,9 @@ def denoising_loss(pipe, scheduler, y: torch.Tensor, z0: torch.Tensor, eps: torc
         raise MemeditError(f"The scheduler predicts {kind!r}; the attack supports epsilon and "
                            "v_prediction models.", "Attack a Stable Diffusion 1.x/2.x model.")
     unet = pipe.unet
-    pred = unet(z_t.to(unet.dtype), t.to(unet.device),
-                encoder_hidden_states=y.repeat_interleave(pairs, dim=0).to(unet.dtype)).sample
+    height, width = (side * pipe.vae_scale_factor for side in z0.shape[-2:])
+    conditioning = unet_conditioning(pipe, y.repeat_interleave(pairs, dim=0), height, width)
+    pred = unet(z_t.to(unet.dtype), t.to(unet.device), **conditioning).sample
     return ((pred.float() - target) ** 2).reshape(prompts, -1).mean(dim=1)
 
 
@@ -271,12 +274,12 @@ def generate_from_embeddings(pipe, embeds: torch.Tensor, negative: torch.Tensor,
                              progress=None) -> np.ndarray:
     """Images for ``embeds[i]`` with ``seeds[i]`` (classifier-free guidance against
     ``negative``, the empty prompt's embedding): ``[N, H, W, 3]`` in [0, 1]."""
-    sampling, dtype = settings.sampling, pipe.unet.dtype
+    sampling = settings.sampling
     out = []
     for batch in batches(list(zip(embeds, seeds, strict=True)), sampling.batch_size):
-        result = pipe(prompt_embeds=torch.stack([e for e, _ in batch]).to(pipe.device, dtype),
-                      negative_prompt_embeds=negative.expand(len(batch), -1, -1)
-                      .to(pipe.device, dtype),
+        conditioning = pipeline_conditioning(pipe, torch.stack([e for e, _ in batch]),
+                                             negative.expand(len(batch), -1, -1))
+        result = pipe(**conditioning,
                       num_inference_steps=sampling.steps, guidance_scale=sampling.guidance_scale,
                       generator=generators(pipe, [s for _, s in batch]), height=sampling.height,
                       width=sampling.width, output_type="np")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from memedit.errors import MemeditError
+from memedit.families import family_of
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class CrossAttentionRecorder:
         self._encoded: list[torch.Tensor] = []  # token ids encoded since the last UNet call
         self._words: torch.Tensor | None = None  # [prompts, tokens] mask of the current call
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._eos_token_id: int | None = None
 
     def __enter__(self) -> CrossAttentionRecorder:
         attention = [module for name, module in self.pipe.unet.named_modules()
@@ -52,8 +54,13 @@ class CrossAttentionRecorder:
         if not attention:
             raise MemeditError("the UNet has no cross-attention (attn2) layers to measure",
                                hint="give a text-to-image UNet with transformer blocks, as SD's")
+        # The first text encoder sees the token ids every family's pipeline encodes (SDXL's
+        # second one reads the same prompt, tokenized alike up to its padding).
+        family = family_of(self.pipe)
+        text_encoder = getattr(self.pipe, family.text_encoders[0])
+        self._eos_token_id = getattr(self.pipe, family.tokenizers[0]).eos_token_id
         self._handles = [
-            self.pipe.text_encoder.register_forward_pre_hook(self._text_hook, with_kwargs=True),
+            text_encoder.register_forward_pre_hook(self._text_hook, with_kwargs=True),
             self.pipe.unet.register_forward_pre_hook(self._unet_hook),
             *(module.register_forward_pre_hook(self._attention_hook, with_kwargs=True)
               for module in attention)]
@@ -72,7 +79,7 @@ class CrossAttentionRecorder:
             ids = self._encoded[0]
             self._encoded = []
             # Words sit between the start token and the first end token.
-            end = (ids == self.pipe.tokenizer.eos_token_id).int().argmax(dim=1)
+            end = (ids == self._eos_token_id).int().argmax(dim=1)
             position = torch.arange(ids.shape[1], device=ids.device)
             self._words = ((position[None] >= 1) & (position[None] < end[:, None])).to(
                 self.sums.device)

@@ -35,6 +35,7 @@ import torch
 
 from memedit.evaluation.detector import DetectorConfig, detector_scores, text_noise_magnitudes
 from memedit.evaluation.similarity import Scorer, aggregate_ground_truths
+from memedit.families import encode_conditioning, split_conditioning
 from memedit.prompts import PromptRecord, PromptSet
 from memedit.sampling import SamplingConfig, batches, generate_images
 from memedit.targets import find_target_layers
@@ -77,11 +78,13 @@ def value_activations(pipe, prompts: list[str], batch_size: int = 16,
                       ) -> dict[str, np.ndarray]:
     """Mean absolute output of every ``attn2.to_v`` (or of ``layers``) over the prompt's tokens
     (padding included, as NeMo): ``[N, C]`` per layer. ``to_v`` reads only the text embedding,
-    so no denoising step is needed."""
+    so no denoising step is needed. The text embedding is what the family's UNet reads as
+    ``encoder_hidden_states`` (SDXL: both encoders' states; the pooled one never reaches
+    ``to_v``)."""
     layers = value_layers(pipe) if layers is None else layers
     out: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     for batch in batches(prompts, batch_size):
-        embeds = pipe.encode_prompt(batch, pipe.device, 1, False)[0]
+        embeds, _pooled = split_conditioning(pipe, encode_conditioning(pipe, batch))
         for name, layer in layers.items():
             act = layer(embeds.to(layer.weight.dtype)).float().abs().mean(dim=1)
             out[name].append(act.cpu().numpy())
