@@ -8,14 +8,8 @@ Located and Deleted", 2024).
     >>> memedit.bake(source.spec, subspace, "sanitized-model")
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("memedit")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0+unknown"
-
-from memedit.baking import BakeResult, apply_subspace, bake
+from memedit.artifacts import VERSION as __version__
+from memedit.baking import BakeResult, bake
 from memedit.calibration import CalibrationConfig, calibrate
 from memedit.compare import compare_subspaces
 from memedit.errors import MemeditError
@@ -23,11 +17,18 @@ from memedit.evaluation.api import EvaluationReport, detect, evaluate, sweep
 from memedit.evaluation.attack import AttackConfig, attack
 from memedit.inspection import verify_sanitized
 from memedit.loading import load_pipeline, resolve_model
-from memedit.locate import LocateConfig, locate, record_statistics, select_subspace
+from memedit.locate import (
+    LocateConfig,
+    load_stats,
+    locate,
+    locate_and_bake,
+    record_statistics,
+    select_subspace,
+)
 from memedit.prompts import PromptSet, empty_reference, read_prompts
 from memedit.sampling import SamplingConfig
 from memedit.statistics import ActivationStats, merge_stats
-from memedit.subspace import Subspace
+from memedit.subspace import Subspace, apply_subspace
 
 __all__ = [
     "ActivationStats",
@@ -50,7 +51,9 @@ __all__ = [
     "empty_reference",
     "evaluate",
     "load_pipeline",
+    "load_stats",
     "locate",
+    "locate_and_bake",
     "merge_stats",
     "read_prompts",
     "record_statistics",

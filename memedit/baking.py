@@ -15,14 +15,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from memedit.artifacts import PROVENANCE_DIR, PROVENANCE_FILE, VERSION
 from memedit.errors import MemeditError
 from memedit.loading import ModelSource, resolve_model
 from memedit.outputs import Inputs, atomic_output_dir, check_output, input_paths
 from memedit.subspace import Subspace, model_identity
-from memedit.weights import read_tensors, rewrite_component, split_key, tensor_sha256
-
-PROVENANCE_DIR = "memedit"
-PROVENANCE_FILE = "sanitized.json"
+from memedit.weights import read_tensors, rewrite_component, tensor_sha256
 
 
 @dataclass
@@ -32,23 +30,7 @@ class BakeResult:
     zeroed: int
     files: list[str] = field(default_factory=list)
     already_sanitized: bool = False
-
-
-def apply_subspace(pipe, subspace: Subspace) -> int:
-    """Zero the masked weights of a loaded pipeline in place; returns how many were masked."""
-    for key, mask in subspace.masks.items():
-        component, name = split_key(key)
-        try:
-            param = getattr(pipe, component).get_parameter(name)
-        except AttributeError:
-            raise MemeditError(f"The pipeline has no parameter {key}.",
-                               "This subspace was located on a model of another layout.") from None
-        if tuple(param.shape) != tuple(mask.shape):
-            raise MemeditError(f"{key} has shape {tuple(param.shape)}, the subspace "
-                               f"{tuple(mask.shape)}.",
-                               "This subspace was located on another model.")
-        param.data.masked_fill_(mask.to(param.device), 0)
-    return subspace.num_selected
+    subspace: Subspace | None = field(default=None, repr=False)  # the one baked in
 
 
 def check_model_matches(source: ModelSource, subspace: Subspace,
@@ -126,24 +108,18 @@ def bake(model: str | os.PathLike | None, subspace: Subspace, out: str | os.Path
                            "copy of the model.",
                            "Locate again with a larger --k, or check the memorized prompts.")
     already = check_model_matches(source, subspace, allow_pickle)
-    by_component: dict[str, dict] = {}
-    for key, mask in subspace.masks.items():
-        component, name = split_key(key)
-        by_component.setdefault(component, {})[name] = mask
-    from memedit import __version__
-
     with atomic_output_dir(out, overwrite, protected, "sanitized-model") as tmp:
         _copy_tree(source.path, tmp, progress)
         written = []
-        for component, masks in by_component.items():
+        for component, masks in subspace.by_component().items():
             written += rewrite_component(tmp / component, masks, allow_pickle)
         subspace.write_into(tmp / PROVENANCE_DIR)
         provenance = {
-            "memedit_version": __version__,
+            "memedit_version": VERSION,
             "source": {"spec": source.spec, "hub_id": source.hub_id, "path": str(source.path)},
             "edited_files": [str(p.relative_to(tmp)) for p in written],
             "zeroed": subspace.num_selected,
         }
         (tmp / PROVENANCE_DIR / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         files = [str(p.relative_to(tmp)) for p in written]
-    return BakeResult(Path(out), source.spec, subspace.num_selected, files, already)
+    return BakeResult(Path(out), source.spec, subspace.num_selected, files, already, subspace)

@@ -230,16 +230,13 @@ def cli() -> None:
 
 
 def _locate(opts: dict):
-    """Shared by `locate` and `locate-and-bake`: returns (subspace, source)."""
-    from memedit.calibration import calibrate, split_validation
+    """Shared by `locate` and `locate-and-bake`: the options as :func:`memedit.locate` takes
+    them. Returns (pipe, source, keyword arguments)."""
     from memedit.evaluation.utility import CLIPScorer
-    from memedit.hardening import harden
     from memedit.loading import load_pipeline
-    from memedit.locate import LocateConfig, record_statistics, select_subspace
-    from memedit.outputs import atomic_output_dir
-    from memedit.prompts import empty_reference, read_prompts
+    from memedit.locate import LocateConfig
+    from memedit.prompts import read_prompts
     from memedit.sampling import SamplingConfig
-    from memedit.statistics import ActivationStats, merge_stats
     from memedit.targets import parse_target_kinds
 
     config = LocateConfig(
@@ -249,58 +246,26 @@ def _locate(opts: dict):
                                 seed=opts["seed"], batch_size=opts["batch_size"],
                                 height=opts["height"], width=opts["width"]))
     config.validate()
-    if opts["memorized"] and opts["memorized_stats"]:
-        raise MemeditError("Pass --memorized or --memorized-stats, not both.",
-                           "Statistics files replace the prompt file.")
     target = _calibration_config(opts)
-    if (target is not None or opts["harden_rounds"]) and opts["memorized_stats"]:
-        raise MemeditError("--target-rate and --harden-rounds work on the memorized prompts' "
-                           "training images, and statistics files hold none.",
-                           "Pass --memorized (JSONL with each prompt's training image).")
     if opts["under_attack"] and target is None:
         raise MemeditError("--under-attack is how --target-rate measures copies.",
                            "Pass --target-rate R with it.")
-    if target is not None and opts["harden_rounds"]:
-        raise MemeditError("--target-rate and --harden-rounds cannot be combined yet.",
-                           "Choose one of them.")
-    memorized = reference = validation = None
-    if not opts["memorized_stats"]:
-        path = opts["memorized"]
-        if path is None:
-            if opts["model"] is not None:
-                raise MemeditError("--memorized is required for a model other than the "
-                                   "embedded one.", "Pass a file of memorized prompts.")
-            from memedit.testbed import prompt_file
 
-            path = prompt_file("memorized_locate")
-        memorized = read_prompts(path, name="memorized")
-        if target is not None:
-            memorized, validation = split_validation(memorized, target.validation_fraction)
-    if not opts["reference_stats"]:
-        reference = (read_prompts(opts["reference"], name="reference") if opts["reference"]
-                     else empty_reference(1))
+    def prompts(option: str):
+        return read_prompts(opts[option], name=option) if opts[option] else None
+
+    options = {"memorized": prompts("memorized"), "reference": prompts("reference"),
+               "ordinary": prompts("ordinary"), "config": config, "target": target,
+               "hardening": _hardening(opts) if opts["harden_rounds"] else None,
+               "clip": CLIPScorer(opts["clip_dir"]) if opts["clip_dir"] else None,
+               "allow_empty": opts["allow_empty"],
+               "memorized_stats": opts["memorized_stats"] or None,
+               "reference_stats": opts["reference_stats"] or None,
+               "save_stats": opts["save_stats"], "overwrite": opts["overwrite"],
+               "inputs": _inputs(opts)}
     pipe, source = load_pipeline(opts["model"], opts["device"], opts["dtype"],
                                  opts["allow_pickle"])
-    stats_mem = (merge_stats([ActivationStats.load(p) for p in opts["memorized_stats"]])
-                 if opts["memorized_stats"] else record_statistics(pipe, memorized, config, source))
-    stats_ref = (merge_stats([ActivationStats.load(p) for p in opts["reference_stats"]])
-                 if opts["reference_stats"] else record_statistics(pipe, reference, config, source))
-    if opts["save_stats"]:
-        # Saved before selecting: statistics are the expensive part, and they stay useful
-        # (to merge, or to select with other k) even if the selection is refused.
-        with atomic_output_dir(opts["save_stats"], opts["overwrite"], _inputs(opts),
-                               "statistics") as folder:
-            stats_mem.save(folder / "memorized.stats.safetensors")
-            stats_ref.save(folder / "reference.stats.safetensors")
-    if opts["harden_rounds"]:
-        return harden(pipe, memorized, stats_mem, stats_ref, config, _hardening(opts),
-                      source), source
-    if validation is not None:
-        return calibrate(pipe, stats_mem, stats_ref, validation, _ordinary(opts), config,
-                         target, source,
-                         CLIPScorer(opts["clip_dir"]) if opts["clip_dir"] else None)[0], source
-    return select_subspace(pipe, stats_mem, stats_ref, config, source,
-                           allow_empty=opts["allow_empty"]), source
+    return pipe, source, options
 
 
 def _hardening(opts: dict):
@@ -334,19 +299,6 @@ def _calibration_config(opts: dict):
     return CalibrationConfig(opts["target_rate"], ks, opts["utility_budget"],
                              opts["validation_fraction"], seeds, seeds,
                              attack=_locate_attack(opts) if opts["under_attack"] else None)
-
-
-def _ordinary(opts: dict):
-    from memedit.prompts import read_prompts
-
-    if opts["ordinary"] is not None:
-        return read_prompts(opts["ordinary"], name="ordinary")
-    if opts["model"] is not None:
-        raise MemeditError("--target-rate measures the edit's cost on ordinary prompts.",
-                           "Pass --ordinary FILE (and --clip FOLDER for the CLIP score).")
-    from memedit.testbed import prompt_file
-
-    return read_prompts(prompt_file("ordinary_seen"), name="ordinary-seen")
 
 
 def _inputs(opts: dict) -> list[Path]:
@@ -423,8 +375,11 @@ def _render_subspace(summary: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def locate_command(out: Path, as_json: bool, **opts) -> None:
     """Find the memorization subspace and save it (apply it later with `memedit bake`)."""
+    from memedit.locate import locate
+
     with _held_outputs(out, opts):
-        subspace, _ = _locate(opts)
+        pipe, source, options = _locate(opts)
+        subspace = locate(pipe, source=source, **options)
         subspace.save(out, overwrite=opts["overwrite"])
     summary = _subspace_summary(subspace) | {"subspace": str(out)}
     emit(summary, as_json, lambda s: _render_subspace(s) + f"\nsubspace written to {out}")
@@ -439,12 +394,12 @@ def locate_command(out: Path, as_json: bool, **opts) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def locate_and_bake_command(out: Path, as_json: bool, **opts) -> None:
     """Locate the subspace and write the model with it zeroed, in one go."""
-    from memedit.baking import bake
+    from memedit.locate import locate_and_bake
 
-    with _held_outputs(out, opts) as inputs:
-        subspace, source = _locate(opts)
-        result = bake(source.spec if opts["model"] else None, subspace, out, opts["overwrite"],
-                      opts["allow_pickle"], inputs=inputs)
+    with _held_outputs(out, opts):
+        pipe, source, options = _locate(opts)
+        result = locate_and_bake(pipe, out, source=source, **options)
+    subspace = result.subspace
     summary = _subspace_summary(subspace) | {"sanitized_model": str(result.path),
                                              "edited_files": result.files}
     emit(summary, as_json,

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from memedit.baking import PROVENANCE_DIR, PROVENANCE_FILE
+from memedit.artifacts import MANIFEST_FILE, MASKS_FILE, PROVENANCE_DIR, PROVENANCE_FILE
 from memedit.errors import MemeditError
 from memedit.loading import PICKLE_SUFFIXES, resolve_model
-from memedit.subspace import MANIFEST_FILE, MASKS_FILE, Subspace, model_identity
-from memedit.weights import read_state, split_key, tensor_sha256, weight_files, zero_masked
+from memedit.subspace import Subspace, model_identity
+from memedit.weights import read_state, tensor_sha256, weight_files, zero_masked
 
 OK, FAILED, NOT_VERIFIABLE = "OK", "FAILED", "NOT VERIFIABLE"
 EXIT_STATUS = {OK: 0, FAILED: 1, NOT_VERIFIABLE: 3}  # 2 stays the CLI's user error
@@ -128,14 +128,6 @@ def _named_tensors(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
         return {name: handle.get_tensor(name) for name in names & set(handle.keys())}
 
 
-def _by_component(subspace: Subspace) -> dict[str, dict[str, torch.Tensor]]:
-    masks: dict[str, dict[str, torch.Tensor]] = {}
-    for key, mask in subspace.masks.items():
-        component, name = split_key(key)
-        masks.setdefault(component, {})[name] = mask
-    return masks
-
-
 def _check_subspace(report: Verification, reference: Subspace) -> None:
     """The masks against the manifest's own records (counts; hashes are checked on tensors)."""
     problems, gaps = reference.check_manifest()
@@ -154,7 +146,7 @@ def _check_edited(report: Verification, sanitized: Path, reference: Subspace,
     records = reference.tensor_records()
     found: set[str] = set()
     before = len(report.problems)
-    for component, masks in _by_component(reference).items():
+    for component, masks in reference.by_component().items():
         if not (sanitized / component).is_dir():
             report.problems.append(f"{component}/ is missing from the sanitized model")
             continue
@@ -207,7 +199,7 @@ def _compare_with_original(report: Verification, sanitized: Path, source: Path,
                            reference: Subspace, allow_pickle: bool) -> None:
     """Every file and tensor of the sanitized model against the original's."""
     before_count = len(report.problems)
-    masks = _by_component(reference)
+    masks = reference.by_component()
     records = reference.tensor_records()
     for path in sorted(source.rglob("*")):
         relative = path.relative_to(source)

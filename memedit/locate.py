@@ -6,26 +6,30 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import os
 import platform
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
+from memedit.artifacts import EMBEDDED_SPEC, FORMAT, FORMAT_VERSION, VERSION
 from memedit.errors import MemeditError
-from memedit.families import pipeline_conditioning
 from memedit.hooks import ActivationRecorder, StopDenoising
 from memedit.loading import ModelSource
-from memedit.prompts import PromptSet, empty_reference
+from memedit.outputs import Inputs, atomic_output_dir, check_output, hold_output, input_paths
+from memedit.prompts import PromptSet, empty_reference, read_prompts
 from memedit.sampling import SamplingConfig, batches, run_pipeline
 from memedit.selection import GRANULARITIES, select_layer
-from memedit.statistics import ActivationStats
-from memedit.subspace import FORMAT, FORMAT_VERSION, Subspace, model_identity
+from memedit.statistics import ActivationStats, merge_stats
+from memedit.subspace import Subspace, model_identity, parameter
 from memedit.targets import TARGET_KINDS, TargetLayer, find_target_layers, parse_target_kinds
-from memedit.weights import read_tensors, split_key, tensor_sha256, zero_masked
+from memedit.weights import read_tensors, tensor_sha256, zero_masked
 
 if TYPE_CHECKING:
+    from memedit.baking import BakeResult
     from memedit.calibration import CalibrationConfig
     from memedit.hardening import HardenConfig
 
@@ -64,29 +68,34 @@ def unet_calls_per_image(pipe, steps: int) -> int:
     return len(scheduler.timesteps)
 
 
-def _hash_weights(pipe, source: ModelSource | None, keys: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors as stored in the model's files (as loaded, for an in-memory pipeline)."""
+def stored_weights(pipe, source: ModelSource | None,
+                   keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors as stored in the model's files (as loaded, for an in-memory pipeline).
+
+    The one place locate reads the targeted weights from disk: :func:`locate` reads them
+    once and hands them on (fingerprint, manifest)."""
     if source is not None:
         return read_tensors(source.path, keys, source.allow_pickle)
-    out = {}
-    for key in keys:
-        component, name = split_key(key)
-        out[key] = getattr(pipe, component).get_parameter(name).detach().cpu()
-    return out
+    return {key: parameter(pipe, key).detach().cpu() for key in keys}
 
 
-def model_fingerprint(pipe, source: ModelSource | None, layers: list[TargetLayer]) -> str:
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     """One hash over the targeted weights: statistics of different models never merge."""
-    tensors = _hash_weights(pipe, source, [layer.key for layer in layers])
     digest = hashlib.sha256()
     for key in sorted(tensors):
         digest.update(f"{key}={tensor_sha256(tensors[key])};".encode())
     return digest.hexdigest()
 
 
-def _settings(pipe, source, layers, config: LocateConfig, unet_calls: int) -> dict:
+def model_fingerprint(pipe, source: ModelSource | None, layers: list[TargetLayer]) -> str:
+    """:func:`fingerprint` of the targeted weights, read for this call."""
+    return fingerprint(stored_weights(pipe, source, [layer.key for layer in layers]))
+
+
+def _settings(pipe, source, layers, config: LocateConfig, unet_calls: int,
+              model_hash: str | None = None) -> dict:
     return {
-        "model_fingerprint": model_fingerprint(pipe, source, layers),
+        "model_fingerprint": model_hash or model_fingerprint(pipe, source, layers),
         "scheduler": type(pipe.scheduler).__name__,
         "steps": config.sampling.steps,
         "guidance_scale": config.sampling.guidance_scale,
@@ -99,11 +108,14 @@ def _settings(pipe, source, layers, config: LocateConfig, unet_calls: int) -> di
 
 
 def record_statistics(pipe, prompts: PromptSet, config: LocateConfig,
-                      source: ModelSource | None = None, progress: bool = True) -> ActivationStats:
+                      source: ModelSource | None = None, progress: bool = True,
+                      model_hash: str | None = None) -> ActivationStats:
     """Denoise ``prompts`` for the first tau UNet calls only, recording the target layers.
 
     Every prompt uses the same seed (the authors' protocol), in batches of
     ``config.sampling.batch_size``; both guidance halves pass through the hooks.
+    ``model_hash``: the targeted weights' :func:`fingerprint` where the caller has it (else
+    they are read to compute it).
     """
     if not len(prompts):
         raise MemeditError(f"The prompt set {prompts.name} is empty.", "Pass at least one prompt.")
@@ -113,15 +125,14 @@ def record_statistics(pipe, prompts: PromptSet, config: LocateConfig,
                      output_type="latent")
 
     return _record(pipe, prompts.prompts, run, prompts.name, prompts.sha256, config, source,
-                   progress)
+                   progress, model_hash)
 
 
 def record_embedding_statistics(pipe, embeds: torch.Tensor, name: str, config: LocateConfig,
                                 source: ModelSource | None = None,
                                 progress: bool = True) -> ActivationStats:
-    """The same recording, driven by text conditionings ``y [N, T, d]`` instead of prompts
-    (what an embedding attack optimizes; ``memedit.families`` says what ``y`` holds for each
-    family). The text encoder does not run, so the targets must
+    """The same recording, driven by text conditionings ``y [N, 77, d]`` instead of prompts
+    (what an embedding attack optimizes). The text encoder does not run, so the targets must
     be UNet layers; the unconditional half is the empty prompt's, as in generation."""
     layers = find_target_layers(pipe, config.targets)
     if any(layer.component != "unet" for layer, _ in layers):
@@ -132,13 +143,15 @@ def record_embedding_statistics(pipe, embeds: torch.Tensor, name: str, config: L
 
     def run(batch: list[torch.Tensor]) -> None:
         run_pipeline(pipe, None, [config.sampling.seed] * len(batch), config.sampling,
-                     output_type="latent", **pipeline_conditioning(pipe, torch.stack(batch)))
+                     output_type="latent",
+                     prompt_embeds=torch.stack(batch).to(pipe.device, pipe.unet.dtype))
 
     return _record(pipe, list(embeds), run, name, digest, config, source, progress)
 
 
 def _record(pipe, items: list, run, name: str, sha256: str, config: LocateConfig,
-            source: ModelSource | None, progress: bool) -> ActivationStats:
+            source: ModelSource | None, progress: bool,
+            model_hash: str | None = None) -> ActivationStats:
     """Run ``run`` on batches of ``items`` under the recorder, stopping after tau UNet calls."""
     config.validate()
     layers = find_target_layers(pipe, config.targets)
@@ -166,18 +179,20 @@ def _record(pipe, items: list, run, name: str, sha256: str, config: LocateConfig
     return ActivationStats(
         {key: value.cpu() for key, value in recorder.sumsq.items()},
         len(items),
-        _settings(pipe, source, [layer for layer, _ in layers], config, unet_calls),
+        _settings(pipe, source, [layer for layer, _ in layers], config, unet_calls, model_hash),
         [{"name": name, "count": len(items), "sha256": sha256}],
     )
 
 
 def select_subspace(pipe, memorized: ActivationStats, reference: ActivationStats,
                     config: LocateConfig, source: ModelSource | None = None,
-                    allow_empty: bool = False) -> Subspace:
+                    allow_empty: bool = False,
+                    stored: dict[str, torch.Tensor] | None = None) -> Subspace:
     """Turn the two sets' statistics into masks (method steps 4-6) and a manifest.
 
     A selection of no weight at all is an error unless ``allow_empty``: baked, it would be
-    an unedited model that calls itself sanitized.
+    an unedited model that calls itself sanitized. ``stored``: the targeted weights as
+    :func:`stored_weights` read them, where the caller has them (else they are read here).
     """
     config.validate()
     if memorized.settings != reference.settings:
@@ -185,8 +200,9 @@ def select_subspace(pipe, memorized: ActivationStats, reference: ActivationStats
             "The memorized and reference statistics were recorded with different settings.",
             "Record both with the same model, sampler and --targets.")
     layers = find_target_layers(pipe, config.targets)
-    fingerprint = model_fingerprint(pipe, source, [layer for layer, _ in layers])
-    if memorized.settings.get("model_fingerprint") != fingerprint:
+    if stored is None:
+        stored = stored_weights(pipe, source, [layer.key for layer, _ in layers])
+    if memorized.settings.get("model_fingerprint") != fingerprint(stored):
         raise MemeditError("These statistics were recorded on another model.",
                            "Record statistics on the model you locate on.")
     if memorized.settings["unet_calls"] and config.tau > memorized.settings["unet_calls"]:
@@ -209,15 +225,16 @@ def select_subspace(pipe, memorized: ActivationStats, reference: ActivationStats
             "reference prompts do.",
             "Check that the prompts are memorized (`memedit detect`), raise --k or --tau, or "
             "pass --allow-empty to write the empty subspace anyway.")
-    return Subspace(masks, build_manifest(pipe, source, masks, config, memorized, reference))
+    return Subspace(masks, build_manifest(pipe, source, masks, config, memorized, reference,
+                                          stored))
 
 
 def build_manifest(pipe, source: ModelSource | None, masks: dict[str, torch.Tensor],
                    config: LocateConfig, memorized: ActivationStats,
-                   reference: ActivationStats) -> dict:
-    from memedit import __version__
-
-    stored = _hash_weights(pipe, source, list(masks))
+                   reference: ActivationStats,
+                   stored: dict[str, torch.Tensor] | None = None) -> dict:
+    if stored is None:
+        stored = stored_weights(pipe, source, list(masks))
     tensors = {
         key: {"shape": list(stored[key].shape), "dtype": str(stored[key].dtype).split(".")[-1],
               "sha256_before": tensor_sha256(stored[key]),
@@ -231,7 +248,7 @@ def build_manifest(pipe, source: ModelSource | None, masks: dict[str, torch.Tens
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "memedit_version": __version__,
+        "memedit_version": VERSION,
         "method": {
             "name": "wanda-contrast (Chavhan et al. 2024, ConceptPrune protocol)",
             "targets": {t: TARGET_KINDS[t].description for t in config.targets},
@@ -257,16 +274,57 @@ def build_manifest(pipe, source: ModelSource | None, masks: dict[str, torch.Tens
     }
 
 
-def locate(pipe, memorized: PromptSet, reference: PromptSet | None = None,
+StatsInput = ActivationStats | str | os.PathLike
+Stats = StatsInput | Sequence[StatsInput]
+
+
+def load_stats(stats: Stats) -> ActivationStats:
+    """Saved statistics (a file ``locate --save-stats`` wrote, or loaded statistics), several
+    merged into one."""
+    items = [stats] if isinstance(stats, ActivationStats | str | os.PathLike) else list(stats)
+    if not items:
+        raise MemeditError("No statistics were given.", "Pass at least one statistics file.")
+    loaded = [item if isinstance(item, ActivationStats) else ActivationStats.load(item)
+              for item in items]
+    return loaded[0] if len(loaded) == 1 else merge_stats(loaded)
+
+
+def _stats_paths(stats: Stats | None) -> list:
+    if stats is None:
+        return []
+    items = [stats] if isinstance(stats, ActivationStats | str | os.PathLike) else list(stats)
+    return [item for item in items if not isinstance(item, ActivationStats)]
+
+
+def _embedded_prompts(source: ModelSource | None, file: str, name: str,
+                      missing: MemeditError) -> PromptSet:
+    """The embedded test model's prompt file ``file``: the default for that model alone."""
+    if source is None or source.spec != EMBEDDED_SPEC:
+        raise missing
+    from memedit.testbed import prompt_file
+
+    return read_prompts(prompt_file(file), name=name)
+
+
+def locate(pipe, memorized: PromptSet | None = None, reference: PromptSet | None = None,
            config: LocateConfig | None = None, source: ModelSource | None = None,
            progress: bool = True, allow_empty: bool = False,
            target: CalibrationConfig | None = None, ordinary: PromptSet | None = None,
-           clip=None, hardening: HardenConfig | None = None) -> Subspace:
-    """Find the memorization subspace of ``pipe``.
+           clip=None, hardening: HardenConfig | None = None, *,
+           memorized_stats: Stats | None = None, reference_stats: Stats | None = None,
+           save_stats: str | os.PathLike | None = None, overwrite: bool = False,
+           inputs: Inputs = None) -> Subspace:
+    """Find the memorization subspace of ``pipe``, as ``memedit locate`` does.
 
+    ``memorized`` defaults, for the embedded test model only, to its locate half.
     ``reference`` defaults to the empty prompt (the authors' default). Since every prompt uses
     the same seed and statistics are normalised by prompt count, one empty prompt gives exactly
     the statistics of one empty prompt per memorized prompt, at a fraction of the cost.
+
+    ``memorized_stats`` / ``reference_stats`` replace the prompts by saved statistics (a file,
+    loaded statistics, or several of either, merged); ``save_stats`` is a new folder both
+    sets' statistics are saved in (before selecting: they stay useful if the selection is
+    refused), under the output policy (``overwrite``; ``inputs``: further paths it must spare).
 
     With ``target`` (see :mod:`memedit.calibration`), k is not ``config.k`` but the smallest
     k of ``target.ks`` whose edit copies at most ``target.target_rate`` on a validation part
@@ -276,26 +334,94 @@ def locate(pipe, memorized: PromptSet, reference: PromptSet | None = None,
     With ``hardening`` (see :mod:`memedit.hardening`), the edit is grown in rounds by the
     weights that an embedding attack on the edited model leans on (``memorized`` need their
     training images); it cannot be combined with ``target``.
+
+    The targeted weights are read from the model's files once, for the statistics'
+    fingerprint and the manifest's hashes alike.
     """
     from memedit.calibration import calibrate, split_validation
     from memedit.hardening import harden
 
-    if target is not None and hardening is not None:
-        raise MemeditError("Calibrating k and hardening cannot be combined yet.",
-                           "Choose --target-rate or --harden-rounds.")
     config = config or LocateConfig()
-    reference = reference if reference is not None else empty_reference(1)
+    config.validate()
+    if memorized is not None and memorized_stats is not None:
+        raise MemeditError("Pass --memorized or --memorized-stats, not both.",
+                           "Statistics files replace the prompt file.")
+    if (target is not None or hardening is not None) and memorized_stats is not None:
+        raise MemeditError("--target-rate and --harden-rounds work on the memorized prompts' "
+                           "training images, and statistics files hold none.",
+                           "Pass --memorized (JSONL with each prompt's training image).")
+    if target is not None and hardening is not None:
+        raise MemeditError("--target-rate and --harden-rounds cannot be combined yet.",
+                           "Choose one of them.")
     validation = None
-    if target is not None:
-        if ordinary is None:
-            raise MemeditError("Calibrating k needs ordinary prompts to measure its cost.",
-                               "Pass ordinary prompts (--ordinary FILE).")
-        memorized, validation = split_validation(memorized, target.validation_fraction)
-    stats_mem = record_statistics(pipe, memorized, config, source, progress)
-    stats_ref = record_statistics(pipe, reference, config, source, progress)
+    if memorized_stats is None:
+        if memorized is None:
+            memorized = _embedded_prompts(source, "memorized_locate", "memorized", MemeditError(
+                "--memorized is required for a model other than the embedded one.",
+                "Pass a file of memorized prompts."))
+        if target is not None:
+            memorized, validation = split_validation(memorized, target.validation_fraction)
+    if reference_stats is None and reference is None:
+        reference = empty_reference(1)
+    if save_stats is not None:
+        check_output(save_stats, overwrite, _protected(source, memorized_stats,
+                                                       reference_stats, inputs))
+    layers = find_target_layers(pipe, config.targets)
+    stored = stored_weights(pipe, source, [layer.key for layer, _ in layers])
+    model_hash = fingerprint(stored)
+    stats_mem = (load_stats(memorized_stats) if memorized_stats is not None
+                 else record_statistics(pipe, memorized, config, source, progress, model_hash))
+    stats_ref = (load_stats(reference_stats) if reference_stats is not None
+                 else record_statistics(pipe, reference, config, source, progress, model_hash))
+    if save_stats is not None:
+        with atomic_output_dir(save_stats, overwrite,
+                               _protected(source, memorized_stats, reference_stats, inputs),
+                               "statistics") as folder:
+            stats_mem.save(folder / "memorized.stats.safetensors")
+            stats_ref.save(folder / "reference.stats.safetensors")
     if hardening is not None:
         return harden(pipe, memorized, stats_mem, stats_ref, config, hardening, source, progress)
     if validation is None:
-        return select_subspace(pipe, stats_mem, stats_ref, config, source, allow_empty)
+        return select_subspace(pipe, stats_mem, stats_ref, config, source, allow_empty, stored)
+    if ordinary is None:
+        ordinary = _embedded_prompts(source, "ordinary_seen", "ordinary-seen", MemeditError(
+            "--target-rate measures the edit's cost on ordinary prompts.",
+            "Pass --ordinary FILE (and --clip FOLDER for the CLIP score)."))
     return calibrate(pipe, stats_mem, stats_ref, validation, ordinary, config, target, source,
                      clip, progress)[0]
+
+
+def _protected(source: ModelSource | None, memorized_stats: Stats | None,
+               reference_stats: Stats | None, inputs: Inputs) -> list:
+    """What a saved-statistics folder may not be, hold or lie in."""
+    return [source.path if source is not None else None, *_stats_paths(memorized_stats),
+            *_stats_paths(reference_stats), *input_paths(inputs)]
+
+
+def locate_and_bake(pipe, out: str | os.PathLike, memorized: PromptSet | None = None,
+                    reference: PromptSet | None = None, config: LocateConfig | None = None,
+                    source: ModelSource | None = None, *, overwrite: bool = False,
+                    inputs: Inputs = None, progress: bool = True,
+                    **options) -> BakeResult:
+    """Locate the subspace of ``pipe`` and write its model (``source``, the files ``pipe``
+    was loaded from) with it zeroed to ``out``, as ``memedit locate-and-bake`` does.
+
+    ``out`` (and ``save_stats``) are checked and locked before the sampling, not after it;
+    ``options`` are :func:`locate`'s. Returns :func:`memedit.bake`'s result (its
+    ``subspace`` is the one located)."""
+    from memedit.baking import bake
+
+    if source is None:
+        raise MemeditError("locate-and-bake writes the model's files, and an in-memory "
+                           "pipeline has none.",
+                           "Load the pipeline with memedit.load_pipeline and pass its source.")
+    protected = [source.path, *_stats_paths(options.get("memorized_stats")),
+                 *_stats_paths(options.get("reference_stats")), *input_paths(inputs)]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(hold_output(out, overwrite, protected))
+        if options.get("save_stats") is not None:
+            stack.enter_context(hold_output(options["save_stats"], overwrite, [*protected, out]))
+        subspace = locate(pipe, memorized, reference, config, source, progress,
+                          overwrite=overwrite, inputs=[*input_paths(inputs), out], **options)
+        return bake(source.spec if source.spec != EMBEDDED_SPEC else None, subspace, out,
+                    overwrite, source.allow_pickle, progress, inputs=protected)

@@ -22,15 +22,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from memedit.artifacts import FORMAT, FORMAT_VERSION, MANIFEST_FILE, MASKS_FILE, PROVENANCE_DIR
 from memedit.errors import MemeditError
 from memedit.loading import PICKLE_SUFFIXES
 from memedit.outputs import atomic_output_dir
-from memedit.weights import file_keys, read_state, split_key, tensor_sha256, weight_files
+from memedit.weights import (
+    by_component,
+    file_keys,
+    read_state,
+    split_key,
+    tensor_sha256,
+    weight_files,
+)
 
-FORMAT = "memedit-subspace"
-FORMAT_VERSION = 1
-MASKS_FILE = "masks.safetensors"
-MANIFEST_FILE = "subspace.json"
 DIGEST_SCHEME = "memedit-subspace-digest-v1"
 IDENTITY_COMPONENT = "unet"
 IDENTITY_COVERS = (
@@ -67,6 +71,16 @@ def model_identity(model_dir: Path, edited: Iterable[str], allow_pickle: bool = 
     return {"covers": IDENTITY_COVERS, "tensors": len(hashes), "sha256": digest.hexdigest()}
 
 
+def parameter(pipe, key: str) -> torch.nn.Parameter:
+    """The parameter ``component/name`` of a loaded pipeline: how a mask key finds its weight."""
+    component, name = split_key(key)
+    try:
+        return getattr(pipe, component).get_parameter(name)
+    except AttributeError:
+        raise MemeditError(f"The pipeline has no parameter {key}.",
+                           "This subspace was located on a model of another layout.") from None
+
+
 @dataclass
 class Subspace:
     """Masks keyed ``component/parameter`` (True = zero this weight) and their manifest."""
@@ -81,6 +95,28 @@ class Subspace:
     @property
     def num_weights(self) -> int:
         return sum(mask.numel() for mask in self.masks.values())
+
+    def by_component(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The masks grouped by component, keyed by parameter name within it."""
+        return by_component(self.masks)
+
+    def check(self, pipe) -> None:
+        """Raise unless every mask has a parameter of its shape in the loaded ``pipe``."""
+        for key, mask in self.masks.items():
+            param = parameter(pipe, key)
+            if tuple(param.shape) != tuple(mask.shape):
+                raise MemeditError(f"{key} has shape {tuple(param.shape)}, the subspace "
+                                   f"{tuple(mask.shape)}.",
+                                   "This subspace was located on another model.")
+
+    def apply(self, pipe) -> int:
+        """Zero the masked weights of a loaded pipeline in place; returns how many were
+        masked."""
+        self.check(pipe)
+        for key, mask in self.masks.items():
+            param = parameter(pipe, key)
+            param.data.masked_fill_(mask.to(param.device), 0)
+        return self.num_selected
 
     def layer_counts(self) -> dict[str, dict]:
         """Per edited tensor: selected count, total and fraction."""
@@ -202,8 +238,8 @@ class Subspace:
     def load(cls, folder: str | Path) -> Subspace:
         """Read a subspace folder (or a sanitized model folder, which carries one in memedit/)."""
         folder = Path(folder)
-        if (folder / "memedit" / MANIFEST_FILE).is_file():
-            folder = folder / "memedit"
+        if (folder / PROVENANCE_DIR / MANIFEST_FILE).is_file():
+            folder = folder / PROVENANCE_DIR
         manifest_path, masks_path = folder / MANIFEST_FILE, folder / MASKS_FILE
         if not manifest_path.is_file() or not masks_path.is_file():
             raise MemeditError(
@@ -250,3 +286,8 @@ def _check_manifest(path: Path, manifest: object) -> None:
     for name in ("layers", "model.tensors"):
         if not all(isinstance(entry, dict) for entry in (sections.get(name) or {}).values()):
             raise MemeditError(f"{path}: an entry of {name} is not an object.", _RESTORE_HINT)
+
+
+def apply_subspace(pipe, subspace: Subspace) -> int:
+    """:meth:`Subspace.apply`: zero ``subspace`` in a loaded pipeline, in place."""
+    return subspace.apply(pipe)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from memedit.errors import MemeditError
 from memedit.loading import PICKLE_SUFFIXES, component_weight_files
+
+T = TypeVar("T")
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -34,6 +37,16 @@ def split_key(key: str) -> tuple[str, str]:
     """``"unet/a.b.weight"`` -> ``("unet", "a.b.weight")``."""
     component, _, name = key.partition("/")
     return component, name
+
+
+def by_component(items: Mapping[str, T]) -> dict[str, dict[str, T]]:
+    """``{"unet/a.weight": x}`` -> ``{"unet": {"a.weight": x}}``: entries keyed
+    ``component/parameter`` grouped by component, as each component's files hold them."""
+    grouped: dict[str, dict[str, T]] = {}
+    for key, value in items.items():
+        component, name = split_key(key)
+        grouped.setdefault(component, {})[name] = value
+    return grouped
 
 
 def is_variant(path: Path) -> bool:
@@ -83,12 +96,8 @@ def file_keys(path: Path) -> list[str]:
 def read_tensors(model_dir: Path, keys: list[str], allow_pickle: bool = False,
                  primary_only: bool = True) -> dict[str, torch.Tensor]:
     """The stored tensors for mask keys ``component/param`` from the primary weight files."""
-    wanted: dict[str, set[str]] = {}
-    for key in keys:
-        component, name = split_key(key)
-        wanted.setdefault(component, set()).add(name)
     found: dict[str, torch.Tensor] = {}
-    for component, names in wanted.items():
+    for component, names in by_component(dict.fromkeys(keys)).items():
         folder = model_dir / component
         if not folder.is_dir():
             raise MemeditError(f"{model_dir} has no {component}/ folder.",
@@ -96,7 +105,7 @@ def read_tensors(model_dir: Path, keys: list[str], allow_pickle: bool = False,
         for weight_file in weight_files(folder, allow_pickle):
             if primary_only and not weight_file.primary:
                 continue
-            present = names.intersection(file_keys(weight_file.path))
+            present = set(names).intersection(file_keys(weight_file.path))
             if not present:
                 continue
             if weight_file.path.suffix in PICKLE_SUFFIXES:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from memedit.artifacts import EMBEDDED_SPEC
 from memedit.errors import MemeditError
 from memedit.evaluation.harness import EvalSettings, EvaluationResult
 from memedit.outputs import hold_output
@@ -174,7 +175,7 @@ def bake_source(model) -> dict | None:
 
 def is_embedded(model) -> bool:
     """The embedded test model, or a model baked from it."""
-    return model is None or (bake_source(model) or {}).get("spec") == "memedit-testbed"
+    return model is None or (bake_source(model) or {}).get("spec") == EMBEDDED_SPEC
 
 
 def _embedded_defaults(model, options: EvaluationOptions) -> EvaluationOptions:
@@ -352,8 +353,8 @@ def detect(model: PathLike | None = None, prompts: PathLike | PromptSet | None =
         auroc,
         detector_scores,
         scheduler_name,
-        text_noise_magnitudes,
     )
+    from memedit.evaluation.harness import noise_magnitudes
     from memedit.evaluation.report import report_json
     from memedit.loading import load_pipeline
     from memedit.outputs import atomic_write_bytes, check_output
@@ -374,8 +375,8 @@ def detect(model: PathLike | None = None, prompts: PathLike | PromptSet | None =
     pipe, source = load_pipeline(model, settings.device, settings.dtype, settings.allow_pickle)
     texts = [p for p in prompt_set.prompts for _ in seeds]
     with tqdm(total=len(texts), desc="detect", unit="prompt", disable=settings.quiet) as bar:
-        magnitudes = text_noise_magnitudes(pipe, texts, [s for _ in prompt_set.prompts
-                                                         for s in seeds], config, bar)
+        magnitudes = noise_magnitudes(pipe, texts, [s for _ in prompt_set.prompts
+                                                    for s in seeds], config, bar)
     per_step = magnitudes.reshape(len(prompt_set), len(seeds), -1).mean(axis=1)
     scores = detector_scores(per_step).tolist()
     first = detector_scores(per_step, 1).tolist()

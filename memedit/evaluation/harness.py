@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from memedit.baking import apply_subspace
 from memedit.errors import MemeditError
 from memedit.evaluation.controls import (
     detector_copy_check,
@@ -41,8 +40,7 @@ from memedit.evaluation.utility import CLIPScorer, drift, scene_scorer, scene_ut
 from memedit.locate import LocateConfig, record_statistics, select_subspace
 from memedit.prompts import PromptSet, empty_reference
 from memedit.sampling import SamplingConfig, generate_images
-from memedit.subspace import Subspace
-from memedit.weights import split_key
+from memedit.subspace import Subspace, parameter
 
 # Evaluation seeds start away from the locate seed (0) so that evaluation also uses noise the
 # edit never saw.
@@ -219,10 +217,9 @@ def masks_applied(pipe, masks: dict[str, torch.Tensor] | None) -> Iterator[None]
         return
     saved = {}
     for key, mask in masks.items():
-        component, name = split_key(key)
-        param = getattr(pipe, component).get_parameter(name)
+        param = parameter(pipe, key)
         saved[key] = (param, mask.to(param.device), param.data[mask.to(param.device)].clone())
-    apply_subspace(pipe, Subspace(masks, {}))
+    Subspace(masks, {}).apply(pipe)
     try:
         yield
     finally:
