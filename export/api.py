@@ -263,7 +263,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
     dtype = "float16" if options.fp16 else "float32"
     from .onnx import export_device
 
-    pipe, _ = load_pipeline(source.path, export_device(options), dtype, allow_pickle)
+    pipe, _ = load_pipeline(source, export_device(options), dtype, allow_pickle)
     with atomic_output_dir(out, overwrite, [source.path, subspace], "onnx-export") as tmp:
         info = export_pipeline(pipe, tmp, options)
         if carried is not None:

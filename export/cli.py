@@ -17,6 +17,8 @@ from pathlib import Path
 
 import click
 
+from memedit.hub import model_hub_options, push_options
+
 
 def _threshold_options(command):
     """Parity thresholds and inputs shared by export and verify-onnx."""
@@ -85,6 +87,8 @@ def _run_checked(action, as_json: bool):
 
 
 @click.command("export")
+@push_options()
+@model_hub_options()
 @click.option("--onnx", "model", required=True, metavar="MODEL_DIR",
               help="Export this diffusers pipeline (sanitized or not) to ONNX.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
@@ -117,6 +121,7 @@ def export_command(model, out, overwrite, subspace, opset, fp16, parity,
 
 
 @click.command("verify-onnx")
+@model_hub_options()
 @click.argument("onnx_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", default=None,
               help="The PyTorch pipeline it was exported from (default: recorded at export).")
@@ -145,6 +150,7 @@ def verify_onnx_command(onnx_dir, model, subspace, provider, allow_pickle, as_js
 
 
 @click.command("generate")
+@model_hub_options()
 @click.argument("prompts", nargs=-1, required=True)
 @click.option("--onnx", "onnx_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Run this exported ONNX folder with ONNX Runtime.")

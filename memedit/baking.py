@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from memedit.artifacts import PROVENANCE_DIR, PROVENANCE_FILE, VERSION
+from memedit.card import source_record, write_card
 from memedit.errors import MemeditError
 from memedit.loading import ModelSource, resolve_model
 from memedit.outputs import Inputs, atomic_output_dir, check_output, input_paths
@@ -116,10 +117,11 @@ def bake(model: str | os.PathLike | None, subspace: Subspace, out: str | os.Path
         subspace.write_into(tmp / PROVENANCE_DIR)
         provenance = {
             "memedit_version": VERSION,
-            "source": {"spec": source.spec, "hub_id": source.hub_id, "path": str(source.path)},
+            "source": source_record(source),
             "edited_files": [str(p.relative_to(tmp)) for p in written],
             "zeroed": subspace.num_selected,
         }
         (tmp / PROVENANCE_DIR / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+        write_card(tmp, subspace.manifest, source)  # README.md; the source's card is kept
         files = [str(p.relative_to(tmp)) for p in written]
     return BakeResult(Path(out), source.spec, subspace.num_selected, files, already, subspace)

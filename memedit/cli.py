@@ -21,6 +21,7 @@ import click
 from tabulate import tabulate
 
 from memedit.errors import MemeditError
+from memedit.hub import model_hub_options, push_options
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by SIGINT
@@ -129,6 +130,7 @@ def model_options(func):
                   help="auto: float16 on CUDA, float32 on CPU.")
     @click.option("--allow-pickle", is_flag=True,
                   help="Also load pickled checkpoints (.bin/.ckpt). Unpickling can run code.")
+    @model_hub_options()
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
@@ -386,6 +388,7 @@ def locate_command(out: Path, as_json: bool, **opts) -> None:
 
 
 @cli.command("locate-and-bake")
+@push_options()
 @model_options
 @method_options
 @click.option("--out", type=click.Path(path_type=Path), required=True,
@@ -407,6 +410,8 @@ def locate_and_bake_command(out: Path, as_json: bool, **opts) -> None:
 
 
 @cli.command("bake")
+@push_options()
+@model_hub_options()
 @click.option("--model", default=None, metavar="FOLDER|HUB_ID",
               help="The model the subspace was located on. Default: the embedded test model.")
 @click.option("--subspace", type=click.Path(path_type=Path), required=True,
@@ -439,6 +444,7 @@ SUMMARY_FIELDS = ("method.k", "method.tau", "method.rho", "method.granularity",
 @click.option("--original", default=None,
               help="For a sanitized model: the original to verify it against (default: the "
                    "source recorded at bake time, which the model folder itself names).")
+@model_hub_options("original")
 @click.option("--subspace", "independent", type=click.Path(path_type=Path), default=None,
               help="A copy of the subspace kept outside the model folder: the carried one "
                    "must equal it, and the model is checked against it.")

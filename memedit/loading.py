@@ -22,12 +22,22 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a pipeline comes from: what the user typed and the local folder it resolved to."""
+    """Where a pipeline comes from: what the user typed and the local folder it resolved to.
+
+    A resolved source can stand wherever a model is asked for (``resolve_model`` returns it as
+    it is) and wherever a path is (``os.fspath`` gives its folder).
+    """
 
     spec: str
     path: Path
     hub_id: str | None = None
     allow_pickle: bool = False  # the user opted into pickled weights for this model
+    revision: str | None = None  # the hub revision asked for (branch, tag or commit)
+    commit: str | None = None  # the hub commit the download resolved to
+    variant: str | None = None  # weight files ``*.{variant}.safetensors`` to load, e.g. fp16
+
+    def __fspath__(self) -> str:
+        return str(self.path)
 
     @property
     def components(self) -> dict[str, list]:
@@ -63,22 +73,36 @@ def _looks_like_hub_id(spec: str) -> bool:
     )
 
 
-def resolve_model(model: str | os.PathLike | None, allow_pickle: bool = False) -> ModelSource:
+def resolve_model(model: str | os.PathLike | ModelSource | None, allow_pickle: bool = False,
+                  revision: str | None = None, variant: str | None = None,
+                  token: str | None = None) -> ModelSource:
     """Resolve ``model`` to a validated local pipeline folder.
 
     ``None`` means the embedded test model. A path that exists is used as it is; a string of
     the form ``org/name`` that is not a local path is fetched from (or found in the cache of)
-    the Hugging Face hub, honouring ``HF_HUB_OFFLINE``.
+    the Hugging Face hub by diffusers, honouring ``HF_HUB_OFFLINE``, at ``revision`` (a branch,
+    tag or commit), with the ``variant`` weight files (``fp16``) and ``token`` (gated or
+    private repositories). A local folder has no revision and needs no token; its ``variant``
+    files must be there. A :class:`ModelSource` is already resolved and returned as it is.
     """
+    if isinstance(model, ModelSource):
+        return model
     if model is None:
+        if revision or variant or token:
+            raise MemeditError("--revision, --variant and --token apply to the model named "
+                               "with --model; the embedded test model has none of them.",
+                               "Pass --model with a hub id (or a folder, for --variant).")
         source = ModelSource("memedit-testbed", default_model_path())
     else:
         spec = str(model)
         path = Path(spec).expanduser()
         if path.exists():
-            source = ModelSource(spec, path.resolve(), allow_pickle=allow_pickle)
+            _check_local_options(spec, revision, token)
+            source = ModelSource(spec, path.resolve(), allow_pickle=allow_pickle, variant=variant)
         elif _looks_like_hub_id(spec):
-            source = ModelSource(spec, _download(spec, allow_pickle), spec, allow_pickle)
+            folder = _download(spec, allow_pickle, revision, variant, token)
+            source = ModelSource(spec, folder, spec, allow_pickle, revision,
+                                 _snapshot_commit(folder), variant)
         else:
             raise MemeditError(
                 f"Model folder {spec} does not exist.",
@@ -86,19 +110,50 @@ def resolve_model(model: str | os.PathLike | None, allow_pickle: bool = False) -
                 "CompVis/stable-diffusion-v1-4.",
             )
     validate_pipeline_folder(source.path, allow_pickle)
+    _check_variant(source)
     return source
 
 
-def _download(hub_id: str, allow_pickle: bool) -> Path:
+def _check_local_options(spec: str, revision: str | None, token: str | None) -> None:
+    """Refuse the options that only a hub id has."""
+    for name, value in (("--revision", revision), ("--token", token)):
+        if value:
+            raise MemeditError(
+                f"{name} applies to a hub id, but {spec} is a local folder: it has one "
+                "version, and nothing to authenticate to.",
+                f"Drop {name}, or pass the hub id (org/name) to download that revision.")
+
+
+def _check_variant(source: ModelSource) -> None:
+    """Refuse a variant whose weight files the (validated) folder does not hold."""
+    variant = source.variant
+    if variant and not any((source.path / "unet").glob(f"*.{variant}.*")):
+        raise MemeditError(
+            f"{source.spec} has no {variant!r} variant: unet/ holds no *.{variant}.safetensors.",
+            "Drop --variant to load the primary weights, or pass a folder (or hub revision) "
+            f"that has them, as save_pretrained(..., variant={variant!r}) writes them.")
+
+
+def _snapshot_commit(folder: Path) -> str | None:
+    """The commit a hub-cache snapshot folder (``.../snapshots/<commit>``) holds, if it is one."""
+    name = folder.name
+    is_commit = len(name) == 40 and all(c in "0123456789abcdef" for c in name)
+    return name if is_commit and folder.parent.name == "snapshots" else None
+
+
+def _download(hub_id: str, allow_pickle: bool, revision: str | None = None,
+              variant: str | None = None, token: str | None = None) -> Path:
     from diffusers import DiffusionPipeline
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
+    at = f" at revision {revision}" if revision else ""
     try:
-        folder = DiffusionPipeline.download(hub_id, use_safetensors=None if allow_pickle else True)
+        folder = DiffusionPipeline.download(hub_id, use_safetensors=None if allow_pickle else True,
+                                            revision=revision, variant=variant, token=token)
     except Exception as err:  # the hub raises many types (OSError, HTTP, LocalEntryNotFound)
         if HF_HUB_OFFLINE:
             raise MemeditError(
-                f"{hub_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set.",
+                f"{hub_id}{at} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set.",
                 "Download it once online (unset HF_HUB_OFFLINE), or pass a local folder.",
             ) from None
         if "safetensors" in str(err) and not allow_pickle:
@@ -107,8 +162,9 @@ def _download(hub_id: str, allow_pickle: bool) -> Path:
                 "Pass --allow-pickle if you trust the repository (unpickling can run code).",
             ) from None
         raise MemeditError(
-            f"Could not fetch {hub_id} from the hub: {type(err).__name__}: {err}",
-            "Check the id, your network and `huggingface-cli login` for gated models.",
+            f"Could not fetch {hub_id}{at} from the hub: {type(err).__name__}: {err}",
+            "Check the id, the revision, the variant, your network, and --token (or "
+            "`huggingface-cli login`) for gated or private models.",
         ) from None
     return Path(folder)
 
@@ -181,22 +237,27 @@ def choose_device_dtype(
 
 
 def load_pipeline(
-    model: str | os.PathLike | None = None,
+    model: str | os.PathLike | ModelSource | None = None,
     device: str | None = None,
     dtype: str | None = None,
     allow_pickle: bool = False,
+    revision: str | None = None,
+    variant: str | None = None,
+    token: str | None = None,
 ):
     """Load a text-to-image pipeline for locating or evaluating.
 
     Returns ``(pipeline, source)``. The safety checker is not loaded: it would blank the very
     generations that memorization is measured on. It stays in any folder memedit writes.
+    ``revision``, ``variant`` and ``token`` are :func:`resolve_model`'s.
     """
     from diffusers import DiffusionPipeline
 
-    source = resolve_model(model, allow_pickle)
+    source = resolve_model(model, allow_pickle, revision, variant, token)
     torch_device, torch_dtype = choose_device_dtype(device, dtype)
     # None lets diffusers prefer safetensors and fall back to pickles per component.
-    kwargs: dict = {"torch_dtype": torch_dtype, "use_safetensors": None if allow_pickle else True}
+    kwargs: dict = {"torch_dtype": torch_dtype, "use_safetensors": None if allow_pickle else True,
+                    "variant": source.variant}
     if "safety_checker" in source.components:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from memedit.errors import MemeditError
+from memedit.hub import model_hub_options
 from memedit.outputs import hold_output
 
 
@@ -160,6 +161,28 @@ def _parsed(options: dict) -> dict:
                       "threshold": _floats(options["threshold"], "--threshold")}
 
 
+update_card_option = click.option(
+    "--update-card", is_flag=True,
+    help="Also put this run's table into the Results section of the model's card (README.md): "
+         "only for a model folder memedit baked; checked before the run.")
+
+
+def _check_update_card(model, ks=None) -> None:
+    """Refuse --update-card before the long work: only a baked model's own measurement."""
+    from memedit.card import check_card_updatable
+
+    if ks is not None:
+        raise MemeditError("--update-card with --k: the edits a sweep measures are made in "
+                           "memory, not the model folder's own.", "Drop --k or --update-card.")
+    check_card_updatable(model)
+
+
+def _update_card(model, out) -> None:
+    from memedit.card import update_card
+
+    click.echo(f"Updated {update_card(model, out)}", err=True)
+
+
 def _print_evaluation(evaluation, as_json: bool) -> None:
     from memedit.evaluation.report import report_json
 
@@ -175,9 +198,11 @@ def _print_evaluation(evaluation, as_json: bool) -> None:
                               "embedded test model.")
 @click.option("--baseline", help="The original model, evaluated side by side. Default for a "
                                  "model memedit baked: the original recorded at bake time.")
+@model_hub_options()
+@update_card_option
 @evaluation_options
 @sampling_options
-def evaluate_command(model, baseline, as_json, **options):
+def evaluate_command(model, baseline, as_json, update_card, **options):
     """Measure memorization before and after an edit, on held-out memorized prompts.
 
     Generates every memorized prompt with several fixed seeds and compares each generation
@@ -187,11 +212,17 @@ def evaluate_command(model, baseline, as_json, **options):
     """
     from memedit.evaluation.api import evaluate
 
-    _print_evaluation(evaluate(model, baseline, **_parsed(options)), as_json)
+    if update_card:
+        _check_update_card(model, options["k"])
+    evaluation = evaluate(model, baseline, **_parsed(options))
+    _print_evaluation(evaluation, as_json)
+    if update_card:
+        _update_card(model, evaluation.out)
 
 
 @click.command(name="sweep")
 @click.option("--model", help="The original model. Default: the embedded test model.")
+@model_hub_options()
 @evaluation_options
 @sampling_options
 def sweep_command(model, as_json, **options):
@@ -209,6 +240,7 @@ def sweep_command(model, as_json, **options):
 @click.option("--top", default=20, show_default=True, help="Rows to print.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the ranking as JSON.")
 @click.option("--overwrite", is_flag=True)
+@model_hub_options()
 @sampling_options
 def detect_command(model, prompts, top, out, overwrite, as_json, **options):
     """Rank prompts by Wen et al.'s memorization detector, most suspicious first.
@@ -310,7 +342,9 @@ def _checkpoints(text: str | None) -> tuple[int, ...] | None:
 
 @click.command(name="attack")
 @attack_options
-def attack_command(**o):
+@model_hub_options()
+@update_card_option
+def attack_command(update_card: bool, **o):
     """Try to bring removed copies back: optimize each memorized prompt's text embedding
     towards its training image (the Finding Dori attack), every weight frozen.
 
@@ -351,6 +385,8 @@ def attack_command(**o):
     elif o["memorized"] is None:
         raise MemeditError("--memorized is required for a model other than the embedded one.",
                            "Pass a JSONL of memorized prompts with their training images.")
+    if update_card:
+        _check_update_card(o["model"])
     inputs = [o["model"], o["memorized"], o["control"], o["start_prompts"], o["sscd"]]
     with hold_output(o["out"], o["overwrite"], inputs):
         memorized = read_prompts(o["memorized"], "memorized")
@@ -370,3 +406,5 @@ def attack_command(**o):
     else:
         click.echo((Path(o["out"]) / "table.txt").read_text(), nl=False)
     click.echo(f"Wrote {o['out']}/report.json", err=True)
+    if update_card:
+        _update_card(o["model"], o["out"])
