@@ -20,11 +20,13 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
+from memedit import distributed
 from memedit.errors import MemeditError
 from memedit.hub import model_hub_options, push_options
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by SIGINT
+EXIT_STOPPED = 143  # ... and by SIGTERM (a launcher stopping the processes of a failed run)
 # Libraries whose log lines concern their developers, not a memedit user (import notes such as
 # "Multiple distributions found for package optimum", exporter chatter, tokenizer truncation).
 THIRD_PARTY_LOGGERS = ("diffusers", "transformers", "optimum", "torch", "onnxruntime",
@@ -90,9 +92,17 @@ class MemeditGroup(click.Group):
         settings = ctx.ensure_object(dict)
         configure_console(bool(settings.get("verbose")))
         try:
-            return super().invoke(ctx)
+            # Under `accelerate launch` this joins the other processes first; only the main
+            # one prints, and all of them finish together (after it has written the outputs).
+            with distributed.quiet_unless_main():
+                result = super().invoke(ctx)
+            distributed.barrier()
+            return result
         except MemeditError as err:
             raise UserError(str(err)) from None
+        except distributed.StoppedByLauncher as err:
+            click.echo(f"memedit: {err}", err=True)
+            raise click.exceptions.Exit(EXIT_STOPPED) from None
         except KeyboardInterrupt:
             click.echo("memedit: interrupted; nothing was written (partial output removed).",
                        err=True)

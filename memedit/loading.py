@@ -220,7 +220,9 @@ def choose_device_dtype(
 ) -> tuple[torch.device, torch.dtype]:
     """CUDA and fp16 where a GPU is present, CPU and fp32 otherwise; either can be forced."""
     if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from memedit.distributed import default_device
+
+        device = default_device()  # under a launcher: this process's own GPU
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MemeditError("--device cuda was asked for, but torch sees no CUDA GPU.",
                            "Use --device cpu, or install a CUDA build of torch.")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from memedit import distributed
 from memedit.artifacts import EMBEDDED_SPEC, FORMAT, FORMAT_VERSION, VERSION
 from memedit.errors import MemeditError
 from memedit.hooks import ActivationRecorder, StopDenoising
@@ -165,19 +166,34 @@ def _record(pipe, items: list, run, name: str, sha256: str, config: LocateConfig
     needs_unet = any(layer.component == "unet" for layer, _ in layers)
     unet_calls = config.tau if needs_unet else 0
     item_batches = list(batches(items, config.sampling.batch_size))
-    bar = tqdm(total=len(item_batches) * max(unet_calls, 1), disable=not progress,
+    calls_per_batch = max(unet_calls, 1)
+    bar = tqdm(total=len(item_batches) * calls_per_batch,
+               disable=not progress or not distributed.state().is_main,
                desc=f"recording {name}", unit="UNet call")
-    recorder = ActivationRecorder(pipe, layers, unet_calls, on_unet_call=lambda: bar.update(1))
-    with recorder, torch.inference_mode():
-        for batch in item_batches:
+
+    def record_batch(batch: list) -> dict[str, torch.Tensor]:
+        """One batch's sums on a fresh recorder (a batch is the unit processes share)."""
+        recorder = ActivationRecorder(pipe, layers, unet_calls,
+                                      on_unet_call=lambda: bar.update(1))
+        with recorder, torch.inference_mode():
             recorder.start_pipeline_call()
             with contextlib.suppress(StopDenoising):
                 run(batch)
-            if not needs_unet:
-                bar.update(1)
+        if not needs_unet:
+            bar.update(1)
+        return {key: value.cpu() for key, value in recorder.sumsq.items()}
+
+    # Per-batch sums added in batch order, whichever process ran each batch: the same
+    # additions in the same order, so any number of processes gives the same bits.
+    sumsq: dict[str, torch.Tensor] = {}
+    for partial, computed_here in distributed.ordered_map(record_batch, item_batches):
+        sumsq = {key: sumsq[key] + value if key in sumsq else value
+                 for key, value in partial.items()}
+        if not computed_here:
+            bar.update(calls_per_batch)
     bar.close()
     return ActivationStats(
-        {key: value.cpu() for key, value in recorder.sumsq.items()},
+        sumsq,
         len(items),
         _settings(pipe, source, [layer for layer, _ in layers], config, unet_calls, model_hash),
         [{"name": name, "count": len(items), "sha256": sha256}],

@@ -11,6 +11,9 @@
   in one rename. A run that is killed leaves that sibling behind; the next run into the same
   place names it and removes it (holding the lock proves its writer is gone).
 - Files and folders get the modes the umask gives, as any other tool's output would.
+- Under a launcher (``accelerate launch``, see :mod:`memedit.distributed`) only the main
+  process checks, locks and writes; the others' writes go to a private scratch folder that is
+  removed (or, for single files, nowhere).
 - A full disk or an unwritable path is a :class:`MemeditError` that names the path (and the
   free space), not a traceback.
 """
@@ -28,6 +31,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from memedit import distributed
 from memedit.errors import MemeditError
 
 MARKER_FILE = ".memedit-output.json"
@@ -123,6 +127,8 @@ def check_output(out: Path | str, overwrite: bool = False, inputs: Inputs = None
     be written must not cost the user a locate.
     """
     given = Path(out).expanduser()
+    if not distributed.state().is_main:
+        return _absolute(given)  # the main process checks, and is the only one to write
     if given.is_symlink():
         raise MemeditError(f"The output {given} is a symbolic link.",
                            "Pass the real path: memedit does not write through links.")
@@ -224,6 +230,9 @@ def hold_output(out: Path | str, overwrite: bool = False, inputs: Inputs = None,
                 kind: str = "folder") -> Iterator[Path]:
     """Check ``out`` and keep it locked for the whole run (the writes re-enter the lock)."""
     resolved = check_output(out, overwrite, inputs, kind)
+    if not distributed.state().is_main:
+        yield resolved
+        return
     with output_lock(resolved):
         yield resolved
 
@@ -260,6 +269,15 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False, inputs: Inputs =
     ``kind`` is recorded in the marker (``subspace``, ``sanitized-model``, ...).
     """
     out = check_output(out, overwrite, inputs)
+    if not distributed.state().is_main:
+        # The other processes of a launched run compute the same output and may read back
+        # what they wrote (the attack's control images): a private scratch folder, dropped.
+        scratch = Path(tempfile.mkdtemp(prefix=f"memedit-rank{distributed.state().rank}-"))
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     with output_lock(out):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{PARTIAL}-", dir=out.parent))
         try:
@@ -288,6 +306,8 @@ def atomic_write_bytes(path: Path | str, data: bytes, overwrite: bool = False,
                        inputs: Inputs = None) -> Path:
     """Write one file through a temporary sibling and a rename, under the output policy."""
     path = check_output(path, overwrite, inputs, kind="file")
+    if not distributed.state().is_main:
+        return path  # written once, by the main process
     with output_lock(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{PARTIAL}-", dir=path.parent)
         try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from memedit.distributed import map_batches
 from memedit.errors import MemeditError
 from memedit.prompts import quiet_tokenizer_warnings
 
@@ -83,14 +84,17 @@ def run_pipeline(pipe, prompts: Sequence[str] | None, seeds: Sequence[int],
 
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], config: SamplingConfig,
                     progress=None) -> np.ndarray:
-    """Images for ``prompts[i]`` with ``seeds[i]``: float array [N, H, W, 3] in [0, 1]."""
+    """Images for ``prompts[i]`` with ``seeds[i]``: float array [N, H, W, 3] in [0, 1]
+    (shared out over the processes of a launched run, see :mod:`memedit.distributed`)."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
-    out = []
-    pairs = list(zip(prompts, seeds, strict=True))
-    for batch in batches(pairs, config.batch_size):
+
+    def draw(batch: list[tuple[str, int]]) -> np.ndarray:
         result = run_pipeline(pipe, [p for p, _ in batch], [s for _, s in batch], config)
-        out.append(np.asarray(result.images, dtype=np.float32))
-        if progress is not None:
-            progress.update(len(batch))
-    return np.concatenate(out, axis=0)
+        return np.asarray(result.images, dtype=np.float32)
+
+    # Under a launcher each process draws its share of the batches (the same batches, so the
+    # same images) and every process gets all of them back in order.
+    pairs = list(zip(prompts, seeds, strict=True))
+    return np.concatenate(map_batches(draw, list(batches(pairs, config.batch_size)), progress),
+                          axis=0)

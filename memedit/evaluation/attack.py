@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from memedit import distributed
 from memedit.errors import MemeditError
 from memedit.evaluation.harness import (
     EvalSettings,
@@ -326,24 +327,31 @@ def attack_group(pipe, group: PromptSet, role: str, config: AttackConfig,
     ``scored``: the checkpoints to generate from (default: all). A caller that needs only the
     end, as ``evaluate``'s column and calibration, passes ``(config.steps,)``: step 0 would
     only repeat the generations it has already scored, and no grid is drawn then."""
-    show = settings.progress
+    show = settings.progress and distributed.state().is_main
     y_prompt = prompt_embeddings(pipe, group.prompts)
     z0_all = target_latents(pipe, group, settings.sampling)
     snapshots: dict[int, list[torch.Tensor]] = {c: [] for c in config.checkpoints}
     losses = []
     started = time.perf_counter()
-    n_batches = -(-len(group) // config.prompt_batch)
-    with tqdm(total=config.steps * n_batches, desc=f"attack {role}", unit="step",
+    chunks = list(batches(range(len(group)), config.prompt_batch))
+    with tqdm(total=config.steps * len(chunks), desc=f"attack {role}", unit="step",
               disable=not show, leave=False) as bar:
-        for chunk in batches(range(len(group)), config.prompt_batch):
+
+        def optimize(chunk: list[int]) -> tuple[dict[int, torch.Tensor], np.ndarray]:
+            # Each prompt has its own generator, so a chunk runs the same on any process.
             gens = [torch.Generator("cpu").manual_seed(config.seed + i) for i in chunk]
             start = start_embeddings(pipe, chunk, config, start_prompts, y_prompt[chunk],
                                      gens)
-            z0 = z0_all[chunk]
-            chunk_snaps, chunk_losses = optimize_embeddings(pipe, start, z0, config, gens, bar)
+            return optimize_embeddings(pipe, start, z0_all[chunk], config, gens, bar)
+
+        # Under a launcher the chunks are shared out over the processes, results in order.
+        for (chunk_snaps, chunk_losses), computed_here in distributed.ordered_map(optimize,
+                                                                                  chunks):
             for step, y in chunk_snaps.items():
                 snapshots[step].append(y)
             losses.append(chunk_losses)
+            if not computed_here:
+                bar.update(config.steps)
     optimized = time.perf_counter()
     by_step = {step: torch.cat(parts) for step, parts in snapshots.items()}
     reference = y_prompt.cpu()
@@ -359,8 +367,12 @@ def attack_group(pipe, group: PromptSet, role: str, config: AttackConfig,
               unit="image", disable=not show, leave=False) as bar:
         for step in steps:
             embeds = by_step[step].repeat_interleave(len(seeds), dim=0)
-            images = generate_from_embeddings(pipe, embeds, negative_cpu,
-                                              _repeat(group.prompts, seeds)[1], settings, bar)
+            pairs = list(zip(embeds, _repeat(group.prompts, seeds)[1], strict=True))
+            images = np.concatenate(distributed.map_batches(
+                lambda batch: generate_from_embeddings(
+                    pipe, torch.stack([e for e, _ in batch]), negative_cpu,
+                    [s for _, s in batch], settings),
+                list(batches(pairs, settings.sampling.batch_size)), bar), axis=0)
             scores[step] = score_group(images, group, settings, scorers)
             first_seed = [images[i * len(seeds)] for i in range(rows)]
             if step == 0 and config.start == "prompt":

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from memedit import distributed
+from memedit.distributed import map_batches
 from memedit.errors import MemeditError
 from memedit.evaluation.controls import (
     detector_copy_check,
@@ -39,7 +41,7 @@ from memedit.evaluation.similarity import MEASURES, Scorer, aggregate_ground_tru
 from memedit.evaluation.utility import CLIPScorer, drift, scene_scorer, scene_utility
 from memedit.locate import LocateConfig, record_statistics, select_subspace
 from memedit.prompts import PromptSet, empty_reference
-from memedit.sampling import SamplingConfig, generate_images
+from memedit.sampling import SamplingConfig, batches, generate_images
 from memedit.subspace import Subspace, parameter
 
 # Evaluation seeds start away from the locate seed (0) so that evaluation also uses noise the
@@ -259,7 +261,8 @@ def memorization_summary(per_generation: np.ndarray, measure: str,
 
 
 def _progress(settings: EvalSettings, total: int, desc: str):
-    return tqdm(total=total, desc=desc, unit="image", disable=not settings.progress, leave=False)
+    return tqdm(total=total, desc=desc, unit="image", leave=False,
+                disable=not settings.progress or not distributed.state().is_main)
 
 
 def score_group(images: np.ndarray, group: PromptSet, settings: EvalSettings,
@@ -351,12 +354,25 @@ def _detect(pipe, prompts: PromptSet, seeds: Sequence[int], config: DetectorConf
             settings: EvalSettings, desc: str) -> dict:
     texts, seed_list = _repeat(prompts.prompts, seeds)
     with _progress(settings, len(texts), desc) as bar:
-        magnitudes = text_noise_magnitudes(pipe, texts, seed_list, config, bar)
+        magnitudes = noise_magnitudes(pipe, texts, seed_list, config, bar)
     per_step = magnitudes.reshape(len(prompts), len(seeds), -1).mean(axis=1)
     return {"prompts": prompts.prompts,
             "score": detector_scores(per_step).tolist(),
             "first_step": detector_scores(per_step, 1).tolist(),
             "per_step": per_step.tolist()}
+
+
+def noise_magnitudes(pipe, texts: Sequence[str], seeds: Sequence[int], config: DetectorConfig,
+                     progress=None) -> np.ndarray:
+    """:func:`text_noise_magnitudes`, its batches shared out over the processes of a launched
+    run (the same batches as one process, gathered in order: the same numbers)."""
+    pairs = list(zip(texts, seeds, strict=True))
+
+    def measure(batch: list[tuple[str, int]]) -> np.ndarray:
+        return text_noise_magnitudes(pipe, [t for t, _ in batch], [s for _, s in batch], config)
+
+    return np.concatenate(map_batches(measure, list(batches(pairs, config.sampling.batch_size)),
+                                      progress), axis=0)
 
 
 def _detector_summary(per_prompt: dict[str, dict], groups: dict[str, PromptSet]) -> dict:

@@ -1,0 +1,285 @@
+"""memedit under a launcher: two CPU processes (gloo) give the one-process result, only the main
+process writes, and a process that dies takes the run down with a message and no output.
+
+The end-to-end tests launch the real CLI with `accelerate launch` (torchrun underneath) on the
+embedded model, one thread per process, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from memedit import distributed
+from memedit.errors import MemeditError
+from memedit.outputs import atomic_output_dir, atomic_write_bytes, check_output, hold_output
+from memedit.testbed import prompt_file
+
+LOCATE = ["--steps", "4", "--tau", "2", "--k", "0.05", "--batch-size", "2"]
+TIMEOUT_S = 60  # MEMEDIT_DIST_TIMEOUT in these tests
+
+
+# ------------------------------------------------------------------------ one process
+
+
+def test_one_process_needs_no_launcher(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "_state", None)
+    current = distributed.state()
+    assert (current.rank, current.world, current.is_main, current.distributed) == \
+        (0, 1, True, False)
+    assert distributed.all_gather("x") == ["x"]
+    distributed.barrier()
+    assert list(distributed.ordered_map(lambda v: v * 2, [1, 2, 3])) == \
+        [(2, True), (4, True), (6, True)]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan"])
+def test_bad_timeout_is_a_user_error(monkeypatch, value):
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, value)
+    with pytest.raises(MemeditError, match=distributed.TIMEOUT_ENV):
+        distributed.collective_timeout()
+
+
+def test_timeout_default_and_override(monkeypatch):
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.collective_timeout() == distributed.DEFAULT_TIMEOUT_S
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "12.5")
+    assert distributed.collective_timeout() == 12.5
+
+
+def test_other_processes_never_write(monkeypatch, tmp_path):
+    """Rank 1 of 2: no check (the main process does it), no lock, nothing in place; what it
+    writes into an output folder lands in a scratch folder that is removed afterwards."""
+    monkeypatch.setattr(distributed, "_state", distributed.ProcessState(1, 2, 1))
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert check_output(existing) == existing.resolve()  # rank 0 would refuse it
+    with hold_output(tmp_path / "held") as held:
+        assert held == (tmp_path / "held").resolve()
+    with atomic_output_dir(tmp_path / "out") as folder:
+        (folder / "report.json").write_text("{}")
+        assert tmp_path not in folder.parents
+    assert not folder.exists()
+    atomic_write_bytes(tmp_path / "file.json", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+# ------------------------------------------------------------------------ launched
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                         distributed.TIMEOUT_ENV: str(TIMEOUT_S)}
+
+
+def _launch(processes: int, *args) -> list[str]:
+    """The command line for ``memedit ARGS`` on ``processes`` CPU processes (1: no launcher).
+    Every launcher option is given, so no accelerate config file is read or needed."""
+    memedit = [sys.executable, "-m", "memedit.cli", *map(str, args)]
+    if processes == 1:
+        return memedit
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+            *memedit[1:]]
+
+
+def _run(processes: int, *args) -> subprocess.CompletedProcess:
+    result = subprocess.run(_launch(processes, *args), env=_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _stats(path: Path) -> tuple[dict, dict]:
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+
+
+@pytest.mark.slow
+def test_two_process_locate_is_the_one_process_locate(tmp_path):
+    outputs = {}
+    for processes in (1, 2):
+        out, stats = tmp_path / f"subspace{processes}", tmp_path / f"stats{processes}"
+        result = _run(processes, "locate", *LOCATE, "--out", out, "--save-stats", stats,
+                      "--json")
+        outputs[processes] = (out, stats, result)
+    (one, one_stats, one_run), (two, two_stats, two_run) = outputs[1], outputs[2]
+    assert (one / "masks.safetensors").read_bytes() == (two / "masks.safetensors").read_bytes()
+    manifests = [json.loads((p / "subspace.json").read_text()) for p in (one, two)]
+    assert manifests[0]["layers"] == manifests[1]["layers"]
+    assert manifests[0]["model"]["tensors"] == manifests[1]["model"]["tensors"]
+    for name in ("memorized", "reference"):
+        meta_one, tensors_one = _stats(one_stats / f"{name}.stats.safetensors")
+        meta_two, tensors_two = _stats(two_stats / f"{name}.stats.safetensors")
+        assert meta_one == meta_two
+        assert tensors_one.keys() == tensors_two.keys()
+        for key, value in tensors_one.items():  # bit for bit, not within a tolerance
+            assert torch.equal(value.view(torch.int32), tensors_two[key].view(torch.int32))
+    # Only the main process printed the summary, once.
+    assert two_run.stdout.count('"subspace"') == one_run.stdout.count('"subspace"') == 1
+    # The run's statistics still merge with another job's (here: one process on other prompts).
+    others = tmp_path / "others.txt"
+    others.write_text("a red square in the corner\na blue circle at the top\n")
+    _run(1, "locate", *LOCATE, "--memorized", others, "--out", tmp_path / "o",
+         "--save-stats", tmp_path / "o_stats")
+    merged = tmp_path / "merged.stats.safetensors"
+    _run(1, "merge-stats", two_stats / "memorized.stats.safetensors",
+         tmp_path / "o_stats" / "memorized.stats.safetensors", "--out", merged)
+    assert json.loads(_stats(merged)[0]["num_prompts"]) == 12
+
+
+def _small_prompt_sets(tmp_path: Path) -> list[str]:
+    """A few memorized prompts (training-image paths made absolute) and ordinary ones."""
+    def head(name: str, count: int) -> Path:
+        source = prompt_file(name)
+        rows = [json.loads(line) for line in source.read_text().splitlines()[:count]]
+        for row in rows:
+            if "image" in row:
+                row["image"] = str((source.parent / row["image"]).resolve())
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return path
+
+    return ["--memorized", head("memorized_heldout", 4), "--locate-prompts",
+            head("memorized_locate", 3), "--ordinary", head("ordinary_unseen", 5)]
+
+
+@pytest.mark.slow
+def test_two_process_evaluate_is_the_one_process_evaluate(tmp_path):
+    """Generation, detector and the embedding-attack column, shared out: same report."""
+    prompts = _small_prompt_sets(tmp_path)
+    reports = {}
+    for processes in (1, 2):
+        out = tmp_path / f"eval{processes}"
+        _run(processes, "evaluate", *prompts, "--steps", "4", "--seeds", "2", "--batch-size",
+             "2", "--attack-steps", "2", "--quiet", "--out", out)
+        reports[processes] = (json.loads((out / "report.json").read_text()),
+                              (out / "table.txt").read_text())
+
+    def figures(report: dict) -> dict:
+        report = dict(report)
+        report.pop("created", None)  # the clock, and the attack's seconds, are not results
+        for variant in report["variants"]:
+            for group in variant["memorization"].values():
+                group.get("under_attack", {}).pop("seconds", None)
+        return report
+
+    assert reports[1][1] == reports[2][1]
+    assert figures(reports[1][0]) == figures(reports[2][0])
+
+
+def _children(parent: int) -> dict[int, dict[str, str]]:
+    """The live child processes of ``parent`` and their environments."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            ppid = int(next(line.split()[1] for line in status.splitlines()
+                            if line.startswith("PPid:")))
+            if ppid != parent:
+                continue
+            raw = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, StopIteration, ValueError):
+            continue
+        found[int(entry.name)] = dict(item.decode(errors="replace").split("=", 1)
+                                      for item in raw if b"=" in item)
+    return found
+
+
+def _wait_for(condition, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+SLOW_LOCATE = ["--steps", "20", "--tau", "10", "--k", "0.05", "--batch-size", "1"]
+
+
+def _assert_no_output(tmp_path: Path) -> None:
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.slow
+def test_killed_process_under_the_launcher_leaves_no_output(tmp_path):
+    """SIGKILL rank 1 mid-run: the launcher stops rank 0, which says why and writes nothing;
+    a rerun starts clean."""
+    command = _launch(2, "locate", *SLOW_LOCATE, "--out", tmp_path / "out")
+    launcher = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        ranks: dict[str, int] = {}
+
+        def both_running() -> bool:
+            ranks.update({env.get("RANK"): pid for pid, env in _children(launcher.pid).items()})
+            # rank 0 holds the output's lock from its checks to the end of the run
+            return "1" in ranks and (tmp_path / ".out.memedit-lock").exists()
+
+        _wait_for(both_running, 120)
+        time.sleep(0.5)
+        os.kill(ranks["1"], signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = launcher.communicate(timeout=TIMEOUT_S + 30)
+        assert time.monotonic() - killed < TIMEOUT_S
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode != 0
+    assert ("was stopped by the launcher" in stderr
+            or "another process of this run failed" in stderr), stderr[-3000:]
+    _assert_no_output(tmp_path)
+    _run(1, "locate", *LOCATE, "--out", tmp_path / "out")
+    assert (tmp_path / "out" / "masks.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_survivor_without_a_launcher_notices_the_dead_peer(tmp_path):
+    """Processes started by hand (as on several machines without one launcher watching them
+    all): the survivor fails at its next exchange with memedit's message, exit status 2."""
+    port = _free_port()
+    command = [sys.executable, "-m", "memedit.cli", "locate", *SLOW_LOCATE, "--out",
+               str(tmp_path / "out")]
+    processes = []
+    for rank in (0, 1):
+        env = _env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                        "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+    survivor, victim = processes
+    try:
+        _wait_for(lambda: (tmp_path / ".out.memedit-lock").exists(), 120)
+        time.sleep(0.5)
+        victim.kill()
+        killed = time.monotonic()
+        _, stderr = survivor.communicate(timeout=TIMEOUT_S + 30)
+        assert time.monotonic() - killed < TIMEOUT_S
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+    assert survivor.returncode == 2, stderr[-3000:]
+    assert "another process of this run failed" in stderr
+    _assert_no_output(tmp_path)
