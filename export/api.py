@@ -247,6 +247,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
     subspace whose manifest lacks the records to tie the audit to is exported, with a report
     whose verdict is NOT VERIFIABLE.
     """
+    from memedit.card import write_export_card
     from memedit.loading import load_pipeline, resolve_model
     from memedit.outputs import atomic_output_dir, check_output
 
@@ -280,6 +281,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
         report.onnx_dir = str(Path(out).expanduser().resolve())
         if not report.passed:
             raise failure(report)
+        write_export_card(tmp, source, report.verdict, report.table())  # README.md
         write_record(tmp, {"source": {"spec": source.spec, "path": str(source.path),
                                       "hub_id": source.hub_id},
                            "subspace": str(subspace) if subspace else (

@@ -297,3 +297,42 @@ def update_card(model: str | os.PathLike, report_dir: str | os.PathLike) -> Path
     ModelCard(text)  # still a card huggingface_hub reads (raises if the metadata broke)
     atomic_write_bytes(card_path, text.encode("utf-8"), overwrite=True)
     return card_path
+
+
+def write_export_card(folder: Path, source: ModelSource, verdict: str, report: str) -> Path:
+    """The card of an ONNX export being assembled in ``folder`` (export's temporary folder).
+
+    A model memedit baked lends its card, with an "ONNX export" section (verdict and report of
+    the export's audit and parity) after the title; any other model gets a short card that
+    says memedit only exported it, its own card kept unchanged at :data:`SOURCE_CARD`.
+    """
+    from memedit import __version__
+
+    own = source.path / CARD_FILE
+    text = own.read_text(encoding="utf-8", errors="replace") if own.is_file() else ""
+    section = (f"## ONNX export\n\nThis folder is the ONNX export (Optimum's layout; loads "
+               "with `optimum.onnxruntime.ORTStableDiffusionPipeline`) of "
+               f"`{source.hub_id or source.spec}`, written by memedit {__version__}. Audit and "
+               f"parity: **{verdict}**.\n\n```\n{report.rstrip()}\n```\n")
+    if _RESULTS_START in text:
+        card = ModelCard(text)
+        card.data.tags = [*(card.data.tags or []), "onnx"]
+        body = card.text.lstrip("\n")
+        cut = body.find("\n## ")
+        card.text = ("\n" + body + "\n\n" + section if cut < 0
+                     else f"\n{body[:cut]}\n\n{section}{body[cut:]}")
+    else:
+        if own.is_file():
+            (folder / SOURCE_CARD).parent.mkdir(parents=True, exist_ok=True)
+            (folder / SOURCE_CARD).write_bytes(own.read_bytes())
+        data = ModelCardData(base_model=source.hub_id, tags=[PROJECT, "onnx", "text-to-image"],
+                             pipeline_tag="text-to-image", **_source_metadata(own))
+        kept = (f"Its own card is kept unchanged at `{SOURCE_CARD}`." if own.is_file()
+                else "It had no card.")
+        card = ModelCard.from_template(
+            data, template_str="---\n{{ card_data }}\n---\n\n# {{ title }}\n\n{{ body }}\n",
+            title=f"{source.hub_id or source.spec}, exported to ONNX",
+            body=f"memedit did not edit this model, only exported it. {kept}\n\n{section}")
+    path = folder / CARD_FILE
+    path.write_text(str(card), encoding="utf-8")
+    return path

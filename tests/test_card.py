@@ -167,3 +167,43 @@ def test_update_card_refusals(baked, tmp_path):
     with pytest.raises(MemeditError, match="not a memedit evaluate or attack report"):
         update_card(model, report)
     assert (model / "README.md").read_bytes() == (out / "README.md").read_bytes()
+
+
+@pytest.mark.slow
+def test_onnx_export_carries_the_card_and_pushes(baked, tmp_path, monkeypatch):
+    """export --push-to-hub: the ONNX folder gets the edit's card with the export's verdict,
+    and is uploaded only after export and checks passed (HfApi replaced: offline)."""
+    from huggingface_hub import HfApi, constants
+
+    _, out, subspace = baked
+    uploads: list[dict] = []
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploads.append({"repo_id": repo_id, "card": ModelCard.load(Path(folder_path) /
+                                                                   "README.md")})
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: f"hf.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    onnx = tmp_path / "onnx"
+    run("export", "--onnx", out, "--out", onnx, "--no-optimum-validation", "--threads", "1",
+        "--steps", "2", "--push-to-hub", "me/sanitized-onnx", "--token", "t")
+    card = ModelCard.load(onnx / "README.md")
+    assert "onnx" in card.data.tags and "memedit" in card.data.tags
+    text = " ".join(card.text.split())
+    assert "## ONNX export" in text and "Audit and parity: **PASSED**" in text
+    assert f"**{subspace.num_selected:,}**" in text  # the edit's own card, figures included
+    assert [u["repo_id"] for u in uploads] == ["me/sanitized-onnx"]
+    assert uploads[0]["card"].text == card.text
+
+
+def test_export_card_of_a_model_memedit_did_not_edit(baked, tmp_path):
+    from memedit.card import write_export_card
+    from memedit.loading import resolve_model
+
+    source, _, _ = baked
+    write_export_card(tmp_path, resolve_model(source), "PASSED", "parity: passed")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "did not edit this model" in card.text and "parity: passed" in card.text
+    assert card.data.license == "creativeml-openrail-m" and "onnx" in card.data.tags
+    assert (tmp_path / SOURCE_CARD).read_bytes() == (source / "README.md").read_bytes()

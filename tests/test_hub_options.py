@@ -182,3 +182,13 @@ def test_push_folder_refuses_what_memedit_did_not_write(online, tiny_model_dir):
     with pytest.raises(MemeditError, match="not written by memedit"):
         push_folder(tiny_model_dir, HubPush("me/x", token="t"))
     assert check_push(HubPush("me/x", token="t")) == "t"
+
+
+@pytest.mark.parametrize("command", ["locate", "locate-and-bake", "bake", "evaluate", "sweep",
+                                     "detect", "attack", "export", "verify-onnx", "generate",
+                                     "inspect"])
+def test_every_command_that_reads_a_model_takes_the_hub_options(command):
+    text = run(command, "--help").output
+    assert all(option in text for option in ("--revision", "--variant", "--token")), command
+    pushes = command in ("bake", "locate-and-bake", "export")
+    assert ("--push-to-hub REPO" in text) == pushes and ("  --private " in text) == pushes
