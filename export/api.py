@@ -31,19 +31,23 @@ from .onnx import (
     PROVENANCE_DIR,
     ExportInfo,
     ExportOptions,
+    export_device,
     export_pipeline,
     read_record,
     write_record,
 )
+from .optimize import cuda_only_ops, needs_cuda
 from .parity import (
+    DTYPE_THRESHOLDS,
     Case,
     ParityInputs,
     ParityReport,
     Thresholds,
+    default_thresholds,
     ort_parity,
     torch_references,
 )
-from .runtime import load_ort_pipeline, ort_failures
+from .runtime import CUDA, choose_provider, load_ort_pipeline, ort_failures
 
 if TYPE_CHECKING:
     import torch
@@ -112,10 +116,14 @@ class VerifyReport:
         if self.export is not None:
             e = self.export
             sizes = ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in e.files.items())
-            lines += [f"Export: {e.seconds:.1f} s (onnx.checker {e.checker_seconds:.1f} s), "
-                      f"opset {e.opset or 'Optimum default'}, {'fp16' if e.fp16 else 'fp32'}, "
-                      "dynamic batch/sequence/image axes",
+            lines += [f"Export: {e.seconds:.1f} s (optimization {e.optimize_seconds:.1f} s, "
+                      f"onnx.checker {e.checker_seconds:.1f} s), "
+                      f"opset {e.opset or 'Optimum default'}, {e.dtype}, optimize {e.optimize}, "
+                      f"quantize {e.quantize}, dynamic batch/sequence/image axes",
                       f"Files: {sizes}", f"Optimum validation: {e.optimum_validation}"]
+            lines += [f"  {step['component']}: " + ", ".join(
+                f"{k} {v}" for k, v in step.items() if k not in ("component", "seconds"))
+                for step in e.steps]
         if self.provider_reason:
             lines.append(f"Provider: {self.provider_reason}")
         lines.append("")
@@ -187,8 +195,18 @@ def _torch_phase(pipe: DiffusionPipeline, report: VerifyReport, inputs: ParityIn
 def _ort_phase(report: VerifyReport, cases: list[Case] | None, torch_seconds: float,
                onnx_dir: Path, thresholds: Thresholds, provider: str,
                threads: int | None) -> VerifyReport:
-    """Run the parity cases with Optimum's ORT pipeline (after PyTorch was freed)."""
+    """Run the parity cases with Optimum's ORT pipeline (after PyTorch was freed).
+
+    A graph with CUDA-only fused operators is checked on CUDA; where there is none, parity
+    is not established (NOT VERIFIABLE), which the report says, and the audit still holds."""
     if cases is None:
+        return report
+    cuda_only = cuda_only_ops(onnx_dir)
+    if cuda_only and provider != "cpu" and choose_provider("auto").provider != CUDA:
+        report.unverified.append(
+            "parity: the graphs use CUDA-only fused operators ("
+            + "; ".join(f"{c}: {', '.join(ops)}" for c, ops in cuda_only.items())
+            + ") and this machine has no working CUDA provider to run them")
         return report
     ort_pipe, choice = load_ort_pipeline(onnx_dir, provider, threads)
     report.provider_reason = f"{choice.label} ({choice.reason})"
@@ -215,6 +233,25 @@ def verify_loaded(pipe: DiffusionPipeline, onnx_dir: Path,
     cases, spent = _torch_phase(pipe, report, inputs or ParityInputs(), parity, full_pipeline)
     return _ort_phase(report, cases, spent, onnx_dir, thresholds or Thresholds(), provider,
                       threads)
+
+
+def _parity_provider(options: ExportOptions, parity: bool) -> str:
+    """The provider parity runs on; refuses, before anything is written, a graph that only
+    CUDA can run when parity is asked for and there is no CUDA."""
+    reason = needs_cuda(options.components)
+    if reason is None:
+        return "auto" if options.dtype == "bf16" else "cpu"
+    if parity:
+        try:
+            choose_provider("cuda")
+        except MemeditError as err:
+            raise MemeditError(
+                f"Parity cannot be checked here: {reason}, and {err.message[0].lower()}"
+                f"{err.message[1:]}",
+                "Export with --optimize basic (CPU-runnable fusions), export on a GPU "
+                "machine, or pass --no-parity: the audit still runs and the export is written "
+                "with the verdict NOT VERIFIABLE (exit status 3).") from None
+    return "cuda"
 
 
 def failure(report: VerifyReport) -> VerificationFailed:
@@ -254,6 +291,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
     options = options or ExportOptions()
     source = resolve_model(model, allow_pickle)
     check_output(out, overwrite, [source.path, subspace])  # fail before the slow part
+    provider = _parity_provider(options, parity)
     explicit = load_subspace(subspace) if subspace is not None else None
     if subspace is not None and explicit is None:
         raise MemeditError(f"{subspace} holds no memedit subspace.",
@@ -261,8 +299,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
     carried = explicit or load_subspace(source.path)
     note = "" if carried else ("not run: the model carries no memedit subspace (not sanitized "
                                "by memedit); pass --subspace DIR to audit against one")
-    dtype = "float16" if options.fp16 else "float32"
-    from .onnx import export_device
+    dtype = "bfloat16" if options.dtype == "bf16" else "float32"
 
     pipe, _ = load_pipeline(source, export_device(options), dtype, allow_pickle)
     with atomic_output_dir(out, overwrite, [source.path, subspace], "onnx-export") as tmp:
@@ -275,8 +312,12 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
         cases, spent = _torch_phase(pipe, report, inputs or ParityInputs(), parity, True)
         del pipe  # free PyTorch before ONNX Runtime loads (the full SD pipeline needs it)
         gc.collect()
-        _ort_phase(report, cases, spent, tmp, thresholds or Thresholds(),
-                   "auto" if options.fp16 else "cpu", threads)
+        _ort_phase(report, cases, spent, tmp,
+                   thresholds or default_thresholds(options.dtype, options.quantize),
+                   provider, threads)
+        if not parity and needs_cuda(options.components):
+            report.unverified.append("parity: not run (--no-parity), and this graph needs "
+                                     "CUDA to run")
         report.export = info
         report.onnx_dir = str(Path(out).expanduser().resolve())
         if not report.passed:
@@ -288,6 +329,16 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
                                "carried by the model" if carried else None)}
                      | {"report": report.to_dict()})
     return report
+
+
+def _recorded_thresholds(record: dict) -> Thresholds:
+    """The default limits for the precision the export record says the graphs hold."""
+    report = record.get("report") if isinstance(record.get("report"), dict) else {}
+    export = report.get("export") if isinstance(report.get("export"), dict) else {}
+    dtype, quantize = export.get("dtype", "fp32"), export.get("quantize", "none")
+    if dtype not in DTYPE_THRESHOLDS or quantize not in ("none", *DTYPE_THRESHOLDS):
+        return Thresholds()
+    return default_thresholds(dtype, quantize)
 
 
 def _export_record(onnx_dir: Path, report_gaps: list[str]) -> dict:
@@ -361,5 +412,6 @@ def verify_onnx(onnx_dir: str | os.PathLike, model: str | os.PathLike | None = N
     cases, spent = _torch_phase(pipe, report, inputs or ParityInputs(), parity, True)
     del pipe  # free PyTorch before ONNX Runtime loads
     gc.collect()
-    return _ort_phase(report, cases, spent, onnx_dir, thresholds or Thresholds(), provider,
+    return _ort_phase(report, cases, spent, onnx_dir,
+                      thresholds or _recorded_thresholds(record), provider,
                       threads)

@@ -35,6 +35,8 @@ from onnx import numpy_helper
 from memedit.errors import MemeditError
 from memedit.weights import split_key
 
+from .quantize import QUANTIZED_SUFFIX, SCALE_SUFFIX, ZERO_POINT_SUFFIX
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -71,41 +73,86 @@ def onnx_file_for(key: str) -> str:
     return COMPONENT_FILES[component]
 
 
+FP16_SMALLEST = 5.96e-8  # ORT's fp16 converter raises smaller non-zero magnitudes to this
+
+
+def _raw(tensor: onnx.TensorProto, base_dir: Path, numel: int) -> np.ndarray:
+    """A tensor's values, flat. External data is mapped, not read: only touched pages load."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.memmap(base_dir / info["location"], dtype=dtype, mode="r",
+                         offset=int(info.get("offset", 0)), shape=(numel,))
+    return numpy_helper.to_array(tensor).reshape(-1)
+
+
 @dataclass(frozen=True)
 class Initializer:
-    """One float tensor stored in an ONNX graph, read lazily (external data is memory-mapped)."""
+    """One weight tensor stored in an ONNX graph, read lazily. An int8 weight carries its
+    symmetric dequantization (``scale · (q − zero_point)``), which :meth:`array` applies."""
 
     name: str
     shape: tuple[int, ...]
     tensor: onnx.TensorProto = field(repr=False, compare=False)
     base_dir: Path = field(repr=False, compare=False)
+    scale: float | None = None
+    zero_point: int = 0
 
     @property
     def numel(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    @property
+    def kind(self) -> str:
+        if self.scale is not None:
+            return "int8"
+        return "fp16" if self.tensor.data_type == onnx.TensorProto.FLOAT16 else "float"
+
     def array(self) -> np.ndarray:
-        """The values, flat. External data is mapped, not read: only touched pages load."""
-        tensor = self.tensor
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            info = {entry.key: entry.value for entry in tensor.external_data}
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            return np.memmap(self.base_dir / info["location"], dtype=dtype, mode="r",
-                             offset=int(info.get("offset", 0)), shape=(self.numel,))
-        return numpy_helper.to_array(tensor).reshape(-1)
+        """The values, flat (int8: dequantized to float32; a zero stays exactly zero)."""
+        values = _raw(self.tensor, self.base_dir, self.numel)
+        if self.scale is None:
+            return values
+        return np.float32(self.scale) * (values.astype(np.int32) - self.zero_point
+                                         ).astype(np.float32)
+
+    def expected(self, reference: np.ndarray) -> tuple[np.ndarray, float]:
+        """``reference`` (PyTorch values) as this tensor can store them, and the tolerance
+        of a match: exact for float, the fp16 rounding for fp16, half a step for int8."""
+        if self.kind == "fp16":
+            return reference.astype(np.float16).astype(np.float32), FP16_SMALLEST
+        if self.kind == "int8":
+            return reference, abs(self.scale) * 0.5001
+        return reference, 0.0
+
+
+def _scalar(tensor: onnx.TensorProto | None) -> float | None:
+    if tensor is None or int(np.prod(tensor.dims, dtype=np.int64)) != 1:
+        return None
+    return float(numpy_helper.to_array(tensor).reshape(-1)[0])
 
 
 def iter_initializers(model_path: Path) -> Iterator[Initializer]:
-    """Float initializers and Constant-node tensors of an ONNX file, without loading weights."""
+    """Float initializers, int8 weights with their scale, and Constant-node tensors of an
+    ONNX file, without loading weights."""
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except DecodeError as err:
         raise MemeditError(f"{model_path} is not a readable ONNX model ({err}).",
                            "Export the model again (`memedit export --onnx`).") from None
     base = model_path.parent
+    by_name = {tensor.name: tensor for tensor in model.graph.initializer}
     for tensor in model.graph.initializer:
         if tensor.data_type in _FLOAT_TYPES:
             yield Initializer(tensor.name, tuple(tensor.dims), tensor, base)
+        elif tensor.data_type == onnx.TensorProto.INT8 and tensor.name.endswith(
+                QUANTIZED_SUFFIX):
+            stem = tensor.name[: -len(QUANTIZED_SUFFIX)]
+            scale = _scalar(by_name.get(stem + SCALE_SUFFIX))
+            zero_point = _scalar(by_name.get(stem + ZERO_POINT_SUFFIX))
+            if scale is not None:  # per-channel scales are not what memedit's quantizer writes
+                yield Initializer(tensor.name, tuple(tensor.dims), tensor, base, scale,
+                                  int(zero_point or 0))
     # Constant folding can leave weights as Constant nodes rather than initializers.
     for node in model.graph.node:
         if node.op_type != "Constant":
@@ -173,30 +220,69 @@ class AuditReport:
             "ONNX initializer"]), *notes])
 
 
-def _orientations(shape: tuple[int, ...], candidate: tuple[int, ...]) -> list[str]:
-    """How a candidate of equal size may store a parameter of ``shape``."""
+PACKED_SLOTS = (2, 3)  # fused attention packs K/V (cross) or Q/K/V (self) into one MatMul
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a candidate stores ``W``: as is, transposed, reshaped, or as one slot of a
+    packed attention weight. ONNX Runtime's attention fusion packs the transposed Q/K/V
+    weights ``[in, heads·head_size]`` into ``[in, heads, slots, head_size]`` (``np.dstack``
+    per head; the unpacked ``Attention`` op is the one-head case)."""
+
+    kind: str  # W | W^T | reshape | packed
+    slots: int = 1
+    slot: int = 0
+    heads: int = 1
+
+    @property
+    def label(self) -> str:
+        if self.kind != "packed":
+            return self.kind
+        return f"W^T, slot {self.slot + 1} of {self.slots}, {self.heads} heads"
+
+    def index(self, flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Map flat indices of ``W`` to flat indices of the candidate."""
+        if self.kind == "W^T":
+            rows, cols = shape
+            return (flat % cols) * rows + flat // cols
+        if self.kind == "packed":
+            rows, cols = shape
+            out, col = flat // cols, flat % cols
+            head_size = rows // self.heads
+            return (col * rows * self.slots + (out // head_size) * self.slots * head_size
+                    + self.slot * head_size + out % head_size)
+        return flat
+
+
+def _layouts(shape: tuple[int, ...], candidate: tuple[int, ...]) -> list[Layout]:
+    """How a candidate may store a parameter of ``shape``."""
+    numel = int(np.prod(shape, dtype=np.int64))
+    if int(np.prod(candidate, dtype=np.int64)) != numel:
+        rows = shape[0]
+        if len(shape) != 2 or len(candidate) != 2 or candidate[0] != shape[1]:
+            return []
+        slots = candidate[1] // rows
+        if slots not in PACKED_SLOTS or candidate[1] != slots * rows:
+            return []
+        return [Layout("packed", slots, slot, heads) for heads in range(1, rows + 1)
+                if rows % heads == 0 for slot in range(slots)]
     found = []
     if candidate == shape:
-        found.append("W")
+        found.append(Layout("W"))
     if len(shape) == 2 and candidate == shape[::-1]:
-        found.append("W^T")
-    if not found:
-        found.append("reshape")
-    return found
+        found.append(Layout("W^T"))
+    return found or [Layout("reshape")]
 
 
-def _flat_index(flat: np.ndarray, shape: tuple[int, ...], orientation: str) -> np.ndarray:
-    """Map flat indices of ``W`` to flat indices of the candidate in that orientation."""
-    if orientation == "W^T":
-        rows, cols = shape
-        return (flat % cols) * rows + flat // cols
-    return flat
-
-
-def _as_w(values: np.ndarray, shape: tuple[int, ...], orientation: str) -> np.ndarray:
+def _as_w(values: np.ndarray, shape: tuple[int, ...], layout: Layout) -> np.ndarray:
     """A candidate's flat values viewed in ``W``'s layout."""
-    if orientation == "W^T":
+    if layout.kind == "W^T":
         return np.asarray(values).reshape(shape[::-1]).T
+    if layout.kind == "packed":
+        rows, cols = shape
+        blocks = np.asarray(values).reshape(cols, layout.heads, layout.slots, -1)
+        return blocks[:, :, layout.slot, :].reshape(cols, rows).T
     return np.asarray(values).reshape(shape)
 
 
@@ -225,7 +311,9 @@ def audit_onnx_file(model_path: str | Path, params: Mapping[str, torch.Tensor],
         if m.shape != w.shape:
             raise MemeditError(f"{key}: mask shape {m.shape} != parameter shape {w.shape}.",
                                "This subspace was located on another model.")
-        results.append(_audit_param(key, label, w, m, by_size.get(w.size, []), atol))
+        candidates = [init for size in (w.size, *(w.size * s for s in PACKED_SLOTS))
+                      for init in by_size.get(size, [])]
+        results.append(_audit_param(key, label, w, m, candidates, atol))
     return results
 
 
@@ -241,14 +329,17 @@ def _audit_param(key: str, label: str, w: np.ndarray, m: np.ndarray,
     matches, nonzero = [], 0
     for init in candidates:
         values = init.array()
-        for orientation in _orientations(w.shape, init.shape):
-            got = values[_flat_index(probe, w.shape, orientation)].astype(w.dtype, copy=False)
-            if not np.allclose(got, w_flat[probe], rtol=0, atol=atol):
+        expected, tolerance = init.expected(w_flat[probe])
+        for layout in _layouts(w.shape, init.shape):
+            got = values[layout.index(probe, w.shape)].astype(np.float32)
+            if not np.allclose(got, expected, rtol=0, atol=atol + tolerance):
                 continue
-            full = _as_w(values, w.shape, orientation)
-            if not np.allclose(full[~m], w[~m], rtol=0, atol=atol):
+            full = _as_w(values, w.shape, layout)
+            want, _ = init.expected(w[~m])
+            if not np.allclose(full[~m], want, rtol=0, atol=atol + tolerance):
                 continue
-            matches.append(f"{init.name} ({orientation})")
+            stored = "" if init.kind == "float" else f", {init.kind}"
+            matches.append(f"{init.name} ({layout.label}{stored})")
             nonzero += int(np.count_nonzero(full[m]))
     if source_nonzero:
         status, nonzero = "nonzero-in-source", source_nonzero

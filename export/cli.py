@@ -23,14 +23,18 @@ from memedit.hub import model_hub_options, push_options
 def _threshold_options(command):
     """Parity thresholds and inputs shared by export and verify-onnx."""
     options = [
-        click.option("--max-abs", type=float, default=1e-3, show_default=True,
-                     help="Largest allowed |ONNX - PyTorch| of any component output."),
-        click.option("--mean-abs", type=float, default=1e-4, show_default=True,
-                     help="Largest allowed mean |ONNX - PyTorch| of a component output."),
-        click.option("--image-max-abs", type=float, default=2e-2, show_default=True,
-                     help="Largest allowed pixel difference of the full image (pixels in [0, 1])."),
-        click.option("--min-psnr", type=float, default=40.0, show_default=True,
-                     help="Smallest allowed PSNR (dB) of the full image."),
+        click.option("--max-abs", type=float, default=None,
+                     help="Largest allowed |ONNX - PyTorch| of any component output "
+                          "(default per precision: fp32 1e-3, fp16 5e-2, int8 0.5, bf16 0.2)."),
+        click.option("--mean-abs", type=float, default=None,
+                     help="Largest allowed mean |ONNX - PyTorch| of a component output "
+                          "(fp32 1e-4, fp16 5e-3, int8 5e-2, bf16 2e-2)."),
+        click.option("--image-max-abs", type=float, default=None,
+                     help="Largest allowed pixel difference of the full image (pixels in "
+                          "[0, 1]; fp32 0.02, fp16 0.1, int8 0.1, bf16 0.2)."),
+        click.option("--min-psnr", type=float, default=None,
+                     help="Smallest allowed PSNR (dB) of the full image (fp32 40, fp16/int8 30, "
+                          "bf16 25)."),
         click.option("--prompt", default="a photo of a red cat", show_default=True,
                      help="Prompt of the parity run."),
         click.option("--seed", type=int, default=0, show_default=True),
@@ -45,11 +49,18 @@ def _threshold_options(command):
     return command
 
 
-def _parity_args(kwargs):
+def _parity_args(kwargs, base=None):
+    """Thresholds (the limits given, the others from ``base``, else fp32's; None when none
+    is given and there is no ``base``: the API picks the export's precision's) and inputs."""
+    from dataclasses import replace
+
     from .parity import ParityInputs, Thresholds
 
-    thresholds = Thresholds(kwargs.pop("max_abs"), kwargs.pop("mean_abs"),
-                            kwargs.pop("image_max_abs"), kwargs.pop("min_psnr"))
+    given = {name: kwargs.pop(flag) for name, flag in (
+        ("max_abs", "max_abs"), ("mean_abs", "mean_abs"), ("image_max_abs", "image_max_abs"),
+        ("image_psnr_db", "min_psnr"))}
+    given = {name: value for name, value in given.items() if value is not None}
+    thresholds = replace(base or Thresholds(), **given) if given or base else None
     inputs = ParityInputs(kwargs.pop("prompt"), kwargs.pop("seed"), kwargs.pop("steps"))
     return thresholds, inputs
 
@@ -97,25 +108,51 @@ def _run_checked(action, as_json: bool):
 @click.option("--subspace", type=click.Path(exists=True, path_type=Path),
               help="Audit against this subspace (default: the one a baked model carries).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: Optimum's).")
-@click.option("--fp16", is_flag=True, help="Export in float16 (needs a CUDA GPU).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Stored precision [default: fp32]. fp16: converted from the fp32 graph by "
+                   "ONNX Runtime, on CPU, inputs/outputs kept fp32. bf16: traced by Optimum "
+                   "on a CUDA GPU.")
+@click.option("--fp16", is_flag=True, help="Same as --dtype fp16.")
+@click.option("--optimize", type=click.Choice(["none", "basic", "full"]), default="none",
+              show_default=True,
+              help="ONNX Runtime's Stable Diffusion fusions. basic: those the CPU provider "
+                   "runs (attention, LayerNorm). full: the CUDA recipe (NhwcConv, GroupNorm, "
+                   "packed QKV); its parity needs CUDA.")
+@click.option("--keep-fp32", multiple=True,
+              type=click.Choice(["unet", "text_encoder", "text_encoder_2", "vae_encoder",
+                                 "vae_decoder"]),
+              help="With --dtype fp16, leave this component fp32 (repeatable; e.g. "
+                   "vae_decoder, which overflows in fp16 for some models).")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none",
+              show_default=True,
+              help="int8 weights (symmetric, ONNX Runtime's dynamic quantizer) for CPU "
+                   "serving of the UNet and text encoder.")
 @click.option("--parity/--no-parity", default=True, show_default=True,
               help="Check ONNX Runtime against PyTorch after export.")
 @click.option("--optimum-validation/--no-optimum-validation", default=True, show_default=True,
               help="Also run Optimum's own validation on dummy inputs.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled (.bin/.ckpt) weights.")
 @_threshold_options
-def export_command(model, out, overwrite, subspace, opset, fp16, parity,
-                   optimum_validation, allow_pickle, as_json, threads, **kwargs):
+def export_command(model, out, overwrite, subspace, opset, dtype, fp16, optimize, keep_fp32,
+                   quantize, parity, optimum_validation, allow_pickle, as_json, threads,
+                   **kwargs):
     """Export MODEL_DIR to ONNX with Optimum, audit the zeroed weights, check parity.
 
     Exit status: 0 passed; 1 audit or parity failed (nothing written); 2 user error; 3
     written, but the audit could not be tied to the subspace's recorded hashes.
     """
+    from memedit.errors import MemeditError
+
     from .api import export_onnx
     from .onnx import ExportOptions
+    from .parity import default_thresholds
 
-    thresholds, inputs = _parity_args(kwargs)
-    options = ExportOptions(opset, fp16, optimum_validation)
+    if fp16 and dtype not in (None, "fp16"):
+        raise MemeditError(f"--fp16 contradicts --dtype {dtype}.", "Pass only --dtype.")
+    dtype = "fp16" if fp16 else dtype or "fp32"
+    options = ExportOptions(opset, dtype, optimum_validation, optimize=optimize,
+                            keep_fp32=tuple(keep_fp32), quantize=quantize)
+    thresholds, inputs = _parity_args(kwargs, default_thresholds(dtype, quantize))
     _run_checked(lambda: export_onnx(model, out, options, overwrite, subspace, parity,
                                      thresholds, inputs, threads, allow_pickle), as_json)
 
@@ -166,11 +203,27 @@ def verify_onnx_command(onnx_dir, model, subspace, provider, allow_pickle, as_js
 @click.option("--guidance-scale", type=float, default=7.5, show_default=True)
 @click.option("--height", type=int, default=None)
 @click.option("--width", type=int, default=None)
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="ONNX Runtime execution provider (with --onnx).")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+              default="auto", show_default=True,
+              help="ONNX Runtime execution provider (with --onnx).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--provider-option", "provider_option", multiple=True, metavar="KEY=VALUE",
+              help="An option of the provider asked for (repeatable), e.g. "
+                   "trt_fp16_enable=True or device_id=0.")
+@click.option("--trt-engine-cache", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="TensorRT engine cache folder (trt_engine_cache_enable).")
+@click.option("--graph-optimization", type=click.Choice(["disable", "basic", "extended", "all"]),
+              default="all", show_default=True, help="ONNX Runtime session graph optimizations.")
+@click.option("--io-binding/--no-io-binding", default=None,
+              help="Bind inputs/outputs to the device [default: on for CUDA/TensorRT].")
+@click.option("--static-shapes", is_flag=True,
+              help="Fix batch, height and width of the graphs at session load (to this call's).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per pipeline call [default: all prompts x --num-images in one].")
 def generate_command(prompts, onnx_dir, model, out, overwrite, seed, num_images, steps,
-                     guidance_scale, height, width, provider, threads):
+                     guidance_scale, height, width, provider, threads, provider_option,
+                     trt_engine_cache, graph_optimization, io_binding, static_shapes,
+                     batch_size):
     """Generate images for PROMPTS with an ONNX export (--onnx) or a PyTorch model.
 
     An export whose record (memedit/onnx_export.json) is missing or shows no passed
@@ -181,24 +234,34 @@ def generate_command(prompts, onnx_dir, model, out, overwrite, seed, num_images,
     from memedit.outputs import atomic_write_bytes, check_output
     from memedit.sampling import SamplingConfig, generate_images
 
-    config = SamplingConfig(steps=steps, guidance_scale=guidance_scale, seed=seed,
-                            batch_size=1, height=height, width=width)
     all_prompts = [p for p in prompts for _ in range(num_images)]
+    config = SamplingConfig(steps=steps, guidance_scale=guidance_scale, seed=seed,
+                            batch_size=batch_size or len(all_prompts), height=height,
+                            width=width)
     seeds = [seed + i for _ in prompts for i in range(num_images)]
     paths = ([out] if len(all_prompts) == 1 else
              [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
               for i in range(len(all_prompts))])
+    if static_shapes and len(all_prompts) % config.batch_size:
+        from memedit.errors import MemeditError
+
+        raise MemeditError(f"--static-shapes fixes the batch at {config.batch_size}, but "
+                           f"{len(all_prompts)} images do not split into such batches.",
+                           "Pick a --batch-size that divides prompts x --num-images.")
     read = [onnx_dir, model]
     for path in paths:  # refuse before the slow part
         check_output(path, overwrite, read, kind="file")
     running = contextlib.nullcontext()
     if onnx_dir is not None:
-        from .runtime import audit_warning, load_ort_pipeline, ort_failures
+        from .runtime import audit_warning, load_ort_pipeline, ort_failures, session_settings
 
+        settings = session_settings(onnx_dir, config, threads, provider_option,
+                                    trt_engine_cache, graph_optimization, io_binding,
+                                    static_shapes)
         warning = audit_warning(onnx_dir)
         if warning is not None:
             click.echo(f"Warning: {warning}", err=True)
-        pipe, choice = load_ort_pipeline(onnx_dir, provider, threads)
+        pipe, choice = load_ort_pipeline(onnx_dir, provider, settings=settings)
         click.echo(f"ONNX Runtime on {choice.label}: {choice.reason}", err=True)
         running = ort_failures(onnx_dir)
     else:

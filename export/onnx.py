@@ -47,9 +47,36 @@ class ExportOptions:
     """
 
     opset: int | None = None
-    fp16: bool = False
+    dtype: str = "fp32"  # fp32 | fp16 (converted after export, on CPU) | bf16 (CUDA export)
     optimum_validation: bool = True  # Optimum's own output check on its dummy inputs
-    device: str | None = None  # None: cuda for fp16, else cpu
+    device: str | None = None  # None: cuda for bf16, else cpu
+    optimize: str = "none"  # none | basic | full: ONNX Runtime's fusions (export/optimize.py)
+    keep_fp32: tuple[str, ...] = ()  # components left fp32 by --dtype fp16 (e.g. vae_decoder)
+    quantize: str = "none"  # none | int8: weight quantization for CPU serving
+
+    def __post_init__(self) -> None:
+        from .optimize import component_settings
+        from .quantize import QUANTIZATIONS
+
+        component_settings(self.dtype, self.optimize, self.keep_fp32)  # checks the names
+        if self.quantize not in QUANTIZATIONS:
+            raise MemeditError(f"Unknown quantization {self.quantize!r}.",
+                               f"Use one of: {', '.join(QUANTIZATIONS)}.")
+        if self.quantize != "none" and self.dtype != "fp32":
+            raise MemeditError(f"--quantize {self.quantize} applies to fp32 graphs, not "
+                               f"{self.dtype}.", "Drop --dtype, or drop --quantize.")
+        if self.dtype == "bf16" and self.optimize != "none":
+            raise MemeditError("--optimize applies to fp32/fp16 graphs; ONNX Runtime's "
+                               "optimizer does not handle bf16 exports.",
+                               "Use --dtype fp16 with --optimize, or --optimize none.")
+
+    @property
+    def components(self) -> dict:
+        """Per-component settings of the optimization step (``optimize.ComponentSettings``)."""
+        from .optimize import component_settings
+
+        return component_settings("fp32" if self.dtype == "bf16" else self.dtype,
+                                  self.optimize, self.keep_fp32)
 
 
 @dataclass
@@ -58,23 +85,29 @@ class ExportInfo:
 
     seconds: float
     opset: int | None
-    fp16: bool
+    dtype: str
     files: dict[str, int] = field(default_factory=dict)  # relative path -> bytes
     optimum_validation: str = "skipped"  # passed | skipped | "warning: ..."
     checker_seconds: float = 0.0
+    optimize: str = "none"
+    quantize: str = "none"
+    steps: list[dict] = field(default_factory=list)  # per component: fusions, dtype, seconds
+    optimize_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 def export_device(options: ExportOptions) -> str:
-    """The torch device of the export; fp16 needs CUDA, as in Optimum (`--dtype fp16`)."""
-    device = options.device or ("cuda" if options.fp16 else "cpu")
-    if options.fp16 and (not device.startswith("cuda") or not torch.cuda.is_available()):
+    """The torch device of the export. fp16 is converted from the fp32 graph on the CPU
+    (export/optimize.py); bf16 is traced by Optimum in bf16, which needs CUDA."""
+    device = options.device or ("cuda" if options.dtype == "bf16" else "cpu")
+    if options.dtype == "bf16" and (not device.startswith("cuda")
+                                    or not torch.cuda.is_available()):
         raise MemeditError(
-            "fp16 ONNX export needs a CUDA GPU: on CPU, PyTorch cannot trace several fp16 "
-            "kernels and Optimum refuses `--dtype fp16` without `--device cuda`.",
-            "Export in fp32 (the default) here, or run the fp16 export on a machine with a "
+            "bf16 ONNX export needs a CUDA GPU: ONNX Runtime has no offline bf16 converter, "
+            "and on CPU PyTorch cannot trace several bf16 kernels for Optimum.",
+            "Use --dtype fp16 (converted on the CPU), or export bf16 on a machine with a "
             "GPU and a CUDA build of torch.",
         )
     return device
@@ -161,10 +194,31 @@ def export_pipeline(pipe: DiffusionPipeline, folder: Path,
     if options.optimum_validation:
         problems = [m for m in warned.messages if "succeeded with the warning" in m]
         validation = "warning: " + " | ".join(problems) if problems else "passed"
+    info = ExportInfo(seconds, options.opset, options.dtype, optimum_validation=validation,
+                      optimize=options.optimize, quantize=options.quantize)
+    optimize_start = time.perf_counter()
+    info.steps = transform(folder, options)
+    info.optimize_seconds = time.perf_counter() - optimize_start
     check_start = time.perf_counter()
     check_models(folder)
-    return ExportInfo(seconds, options.opset, options.fp16, onnx_files(folder), validation,
-                      time.perf_counter() - check_start)
+    info.checker_seconds = time.perf_counter() - check_start
+    info.files = onnx_files(folder)
+    return info
+
+
+def transform(folder: Path, options: ExportOptions) -> list[dict]:
+    """The step between export and checks: ONNX Runtime's fusions, fp16 conversion and int8
+    quantization, per component (``options.components``). What it did, per component."""
+    from dataclasses import asdict
+
+    from .optimize import optimize_folder
+    from .quantize import quantize_folder
+
+    steps = [asdict(r) for r in optimize_folder(folder, options.components)]
+    for component, seconds in quantize_folder(folder, options.quantize).items():
+        steps.append({"component": component, "quantize": options.quantize,
+                      "seconds": seconds})
+    return steps
 
 
 def read_record(onnx_dir: str | os.PathLike) -> dict:

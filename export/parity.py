@@ -41,6 +41,24 @@ class Thresholds:
     image_psnr_db: float = 40.0
 
 
+# Default limits per stored precision (``default_thresholds``). fp16 keeps 11 significant
+# bits, so outputs of unit scale move by ~1e-3 per op and drift over the denoising steps;
+# int8 weights move each MatMul output by up to half a quantization step per weight.
+DTYPE_THRESHOLDS = {
+    "fp32": Thresholds(),
+    "fp16": Thresholds(max_abs=5e-2, mean_abs=5e-3, image_max_abs=1e-1, image_psnr_db=30.0),
+    "bf16": Thresholds(max_abs=2e-1, mean_abs=2e-2, image_max_abs=2e-1, image_psnr_db=25.0),
+    # Dynamic int8 also quantizes activations (per tensor, at run time): the tiny random
+    # CLIP's unit-scale outputs move by up to 0.11 (mean 0.023) while images keep 56 dB.
+    "int8": Thresholds(max_abs=5e-1, mean_abs=5e-2, image_max_abs=1e-1, image_psnr_db=30.0),
+}
+
+
+def default_thresholds(dtype: str = "fp32", quantize: str = "none") -> Thresholds:
+    """The parity limits of an export stored in ``dtype`` (or quantized to ``quantize``)."""
+    return DTYPE_THRESHOLDS[quantize if quantize != "none" else dtype]
+
+
 @dataclass(frozen=True)
 class ParityInputs:
     """The inputs both runtimes see."""

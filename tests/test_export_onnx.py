@@ -48,8 +48,8 @@ def sanitized_model_dir(tmp_path_factory):
     as `memedit bake` writes it."""
     pipe = build_tiny_pipeline()
     masks = ffn_masks(pipe)
-    from memedit.baking import apply_subspace
     from memedit.export.audit import pipeline_params
+    from memedit.subspace import apply_subspace
     from memedit.weights import tensor_sha256
 
     subspace = Subspace(masks, {"format": "memedit-subspace", "format_version": 1})
@@ -129,7 +129,7 @@ def test_audit_fails_when_zeroed_weights_were_altered_in_onnx(sanitized_export, 
     out, _ = sanitized_export
     masks = Subspace.load(out).masks
     pipe = build_tiny_pipeline()
-    from memedit.baking import apply_subspace
+    from memedit.subspace import apply_subspace
 
     apply_subspace(pipe, Subspace(masks, {}))
     tampered = tmp_path / "tampered"
@@ -211,13 +211,15 @@ def test_overwrite_and_source_protection(tiny_model_dir, tmp_path):
     assert report.parity is None and (tmp_path / "onnx/unet/model.onnx").is_file()
 
 
-def test_fp16_on_cpu_is_refused_clearly(tiny_model_dir, tmp_path):
+def test_bf16_on_cpu_is_refused_clearly(tiny_model_dir, tmp_path):
+    # fp16 is converted on the CPU (tests/test_export_production.py); bf16 is traced by
+    # Optimum in bf16, which needs CUDA.
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     result = CliRunner().invoke(cli, ["export",
-        "--onnx", str(tiny_model_dir), "--out", str(tmp_path / "h"), "--fp16"])
+        "--onnx", str(tiny_model_dir), "--out", str(tmp_path / "h"), "--dtype", "bf16"])
     assert result.exit_code == 2
-    assert "fp16 ONNX export needs a CUDA GPU" in result.stderr
+    assert "bf16 ONNX export needs a CUDA GPU" in result.stderr
 
 
 def test_verify_onnx_cli_reads_record_and_stored_subspace(sanitized_export):
