@@ -122,7 +122,7 @@ register(Family(
 
 def _match(class_names: Sequence[str], unet_config: Mapping[str, object], what: str) -> Family:
     for family in FAMILIES.values():
-        if not set(class_names) & set(family.pipeline_classes):
+        if not set(class_names) & {*family.pipeline_classes, family.ort_pipeline_class}:
             continue
         if all(bool(unet_config.get(key, False)) == bool(value)
                for key, value in family.unet_config.items()):
@@ -135,7 +135,8 @@ def _match(class_names: Sequence[str], unet_config: Mapping[str, object], what: 
 
 
 def family_of(pipe) -> Family:
-    """The family of a loaded pipeline (diffusers' or Optimum's ORT subclass of it)."""
+    """The family of a loaded pipeline: diffusers' or Optimum's ORT pipeline of it (which
+    Optimum picks from the export's ``model_index.json``)."""
     names = [cls.__name__ for cls in type(pipe).__mro__]
     unet = getattr(pipe, "unet", None)
     config = dict(getattr(unet, "config", {}) or {})
@@ -153,7 +154,7 @@ def family_of_folder(folder: str | Path) -> Family:
         raise MemeditError(f"Cannot read the pipeline index of {folder}: {err}",
                            "Pass the folder that `save_pretrained` wrote.") from None
     name = str(index.get("_class_name", "(no _class_name)"))
-    return _match([name, name.removeprefix("ORT")], config, str(folder))
+    return _match([name], config, str(folder))
 
 
 def prediction_type(pipe) -> str:

@@ -24,6 +24,7 @@ from memedit.evaluation.attention import CrossAttentionRecorder
 from memedit.evaluation.controls import nemo_masks
 from memedit.evaluation.detector import DetectorConfig, text_noise_magnitudes
 from memedit.evaluation.harness import EvalSettings
+from memedit.export.runtime import load_ort_pipeline
 from memedit.families import (
     FAMILIES,
     family_of,
@@ -242,6 +243,11 @@ def test_family_end_to_end_through_the_cli(family_dir, prompt_files, tmp_path):
     assert all((onnx / graph / "model.onnx").is_file() for graph in family.onnx_graphs)
     audited = {row["key"].split("/")[0] for row in verified["audit"]["parameters"]}
     assert audited == edited
+
+    ort_pipe, _ = load_ort_pipeline(onnx, "cpu", threads=1)
+    assert type(ort_pipe).__name__ == family.ort_pipeline_class
+    assert family_of(ort_pipe) is family
+    del ort_pipe
 
     image = tmp_path / "image.png"
     _cli("generate", "--onnx", onnx, "a red cat", "--out", image, "--steps", "2",
