@@ -7,12 +7,15 @@ the weight files holding masked tensors are rewritten there, the subspace is sto
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from memedit.artifacts import PROVENANCE_DIR, PROVENANCE_FILE, VERSION
@@ -43,6 +46,16 @@ def check_model_matches(source: ModelSource, subspace: Subspace,
     recorded, pins the UNet's other tensors too. Returns True when the model is already
     sanitized with this subspace (baking again is a no-op on the weights: bake is idempotent).
     """
+    _check_records(subspace)
+    stored = read_tensors(source.path, list(subspace.masks), allow_pickle)
+    _check_complete(source, subspace, stored.keys())
+    already = all([_check_tensor(source, subspace, key, stored[key]) for key in subspace.masks])
+    _check_identity(source, subspace, allow_pickle)
+    return already
+
+
+def _check_records(subspace: Subspace) -> None:
+    """Refuse a subspace that lacks the records a bake is checked against."""
     problems, gaps = subspace.check_manifest()
     issues = gaps + problems
     if issues:
@@ -52,27 +65,38 @@ def check_model_matches(source: ModelSource, subspace: Subspace,
             "Use a subspace written by `memedit locate` (it records every edited tensor's "
             "sha256 before and after, as model.tensors[key].sha256_before/after, and the "
             "per-layer counts), or locate again on this model.")
-    recorded = subspace.tensor_records()
-    stored = read_tensors(source.path, list(subspace.masks), allow_pickle)
-    already = True
-    for key, mask in subspace.masks.items():
-        if key not in stored:
-            raise MemeditError(f"{source.spec} has no tensor {key}.",
-                               "This subspace was located on a model of another layout.")
-        if tuple(stored[key].shape) != tuple(mask.shape):
-            raise MemeditError(
-                f"{key} has shape {tuple(stored[key].shape)} in {source.spec} but "
-                f"{tuple(mask.shape)} in the subspace.",
-                "This subspace was located on another model: locate again on this one.")
-        digest = tensor_sha256(stored[key])
-        if digest == recorded[key]["sha256_after"]:
-            continue
-        already = False
-        if digest != recorded[key]["sha256_before"]:
-            raise MemeditError(
-                f"{key} in {source.spec} differs from the weights the subspace was located on "
-                "(sha256 mismatch).",
-                "Locate again on this model, or bake the model the subspace came from.")
+
+
+def _check_complete(source: ModelSource, subspace: Subspace, found: Iterable[str]) -> None:
+    missing = sorted(subspace.masks.keys() - set(found))
+    if missing:
+        raise MemeditError(f"{source.spec} has no tensor {missing[0]}.",
+                           "This subspace was located on a model of another layout.")
+
+
+def _check_tensor(source: ModelSource, subspace: Subspace, key: str,
+                  stored: torch.Tensor) -> bool:
+    """Refuse an edited tensor that is neither the one located on nor its sanitized form;
+    True when it is already sanitized."""
+    mask = subspace.masks[key]
+    if tuple(stored.shape) != tuple(mask.shape):
+        raise MemeditError(
+            f"{key} has shape {tuple(stored.shape)} in {source.spec} but "
+            f"{tuple(mask.shape)} in the subspace.",
+            "This subspace was located on another model: locate again on this one.")
+    recorded = subspace.tensor_records()[key]
+    digest = tensor_sha256(stored)
+    if digest == recorded["sha256_after"]:
+        return True
+    if digest != recorded["sha256_before"]:
+        raise MemeditError(
+            f"{key} in {source.spec} differs from the weights the subspace was located on "
+            "(sha256 mismatch).",
+            "Locate again on this model, or bake the model the subspace came from.")
+    return False
+
+
+def _check_identity(source: ModelSource, subspace: Subspace, allow_pickle: bool) -> None:
     identity = subspace.identity()
     if identity is not None and identity.get("sha256") != model_identity(
             source.path, subspace.masks, allow_pickle)["sha256"]:
@@ -80,7 +104,6 @@ def check_model_matches(source: ModelSource, subspace: Subspace,
             f"The UNet of {source.spec} differs from the one the subspace was located on in "
             "tensors the subspace does not edit (model.identity mismatch).",
             "Locate again on this model, or bake the model the subspace came from.")
-    return already
 
 
 def _copy_tree(source: Path, target: Path, progress: bool) -> None:
@@ -108,12 +131,24 @@ def bake(model: str | os.PathLike | None, subspace: Subspace, out: str | os.Path
         raise MemeditError("The subspace selects no weight: baking it would write an unedited "
                            "copy of the model.",
                            "Locate again with a larger --k, or check the memorized prompts.")
-    already = check_model_matches(source, subspace, allow_pickle)
+    # What check_model_matches checks, with the edited tensors checked in the copy as it is
+    # rewritten (the copy's bytes are the source's): the targeted weights are read once.
+    _check_records(subspace)
+    sanitized: dict[str, bool] = {}  # per edited tensor: already sanitized
+
+    def check(component: str, name: str, tensor: torch.Tensor) -> None:
+        key = f"{component}/{name}"
+        sanitized[key] = _check_tensor(source, subspace, key, tensor)
+
     with atomic_output_dir(out, overwrite, protected, "sanitized-model") as tmp:
         _copy_tree(source.path, tmp, progress)
         written = []
         for component, masks in subspace.by_component().items():
-            written += rewrite_component(tmp / component, masks, allow_pickle)
+            written += rewrite_component(tmp / component, masks, allow_pickle,
+                                         functools.partial(check, component))
+        _check_complete(source, subspace, sanitized)
+        _check_identity(source, subspace, allow_pickle)
+        already = all(sanitized.values())
         subspace.write_into(tmp / PROVENANCE_DIR)
         provenance = {
             "memedit_version": VERSION,

@@ -412,6 +412,8 @@ def locate_and_bake_command(out: Path, as_json: bool, **opts) -> None:
     with _held_outputs(out, opts):
         pipe, source, options = _locate(opts)
         result = locate_and_bake(pipe, out, source=source, **options)
+    if result is None:
+        return  # the main process bakes (a copy of the model) and reports
     subspace = result.subspace
     summary = _subspace_summary(subspace) | {"sanitized_model": str(result.path),
                                              "edited_files": result.files}

@@ -418,13 +418,14 @@ def locate_and_bake(pipe, out: str | os.PathLike, memorized: PromptSet | None = 
                     reference: PromptSet | None = None, config: LocateConfig | None = None,
                     source: ModelSource | None = None, *, overwrite: bool = False,
                     inputs: Inputs = None, progress: bool = True,
-                    **options) -> BakeResult:
+                    **options) -> BakeResult | None:
     """Locate the subspace of ``pipe`` and write its model (``source``, the files ``pipe``
     was loaded from) with it zeroed to ``out``, as ``memedit locate-and-bake`` does.
 
     ``out`` (and ``save_stats``) are checked and locked before the sampling, not after it;
     ``options`` are :func:`locate`'s. Returns :func:`memedit.bake`'s result (its
-    ``subspace`` is the one located)."""
+    ``subspace`` is the one located); under several processes (``accelerate launch``) all of
+    them locate, the main one bakes, and the others return None."""
     from memedit.baking import bake
 
     if source is None:
@@ -439,5 +440,7 @@ def locate_and_bake(pipe, out: str | os.PathLike, memorized: PromptSet | None = 
             stack.enter_context(hold_output(options["save_stats"], overwrite, [*protected, out]))
         subspace = locate(pipe, memorized, reference, config, source, progress,
                           overwrite=overwrite, inputs=[*input_paths(inputs), out], **options)
-        return bake(source.spec if source.spec != EMBEDDED_SPEC else None, subspace, out,
-                    overwrite, source.allow_pickle, progress, inputs=protected)
+        if not distributed.state().is_main:
+            return None
+        return bake(source, subspace, out, overwrite, source.allow_pickle, progress,
+                    inputs=protected)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import pickle
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -123,11 +123,13 @@ def zero_masked(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def rewrite_component(component_dir: Path, masks: dict[str, torch.Tensor],
-                      allow_pickle: bool = False) -> list[Path]:
+                      allow_pickle: bool = False,
+                      check: Callable[[str, torch.Tensor], None] | None = None) -> list[Path]:
     """Zero ``masks`` (param name -> bool mask) in every weight file of a copied component.
 
-    Pickled files are rewritten as safetensors (and the pickle removed) so that the output
-    is safe to load. Returns the files written.
+    ``check(name, tensor)`` sees each masked tensor of the primary files (what diffusers
+    loads) before it is zeroed, and may refuse it. Pickled files are rewritten as safetensors
+    (and the pickle removed) so that the output is safe to load. Returns the files written.
     """
     written = []
     for weight_file in weight_files(component_dir, allow_pickle):
@@ -136,7 +138,9 @@ def rewrite_component(component_dir: Path, masks: dict[str, torch.Tensor],
         if not present:
             continue
         state = read_state(path)
-        for name in present:
+        for name in sorted(present):
+            if check is not None and weight_file.primary:
+                check(name, state[name])
             state[name] = zero_masked(state[name], masks[name]).contiguous()
         if path.suffix in PICKLE_SUFFIXES:
             # transformers names its safetensors file model.safetensors, diffusers keeps the stem.
