@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from memedit.artifacts import PROVENANCE_DIR
 from memedit.errors import MemeditError
 from memedit.families import family_of
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 EXPORT_RECORD = "onnx_export.json"
-PROVENANCE_DIR = "memedit"
 
 
 @dataclass(frozen=True)
