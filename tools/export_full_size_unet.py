@@ -201,11 +201,10 @@ def run_pipeline(args: argparse.Namespace, monitor: RssMonitor) -> dict:
     """A whole sanitized SD 1.x pipeline through memedit's export (audit + parity)."""
     import torch
 
-    from memedit.baking import apply_subspace
     from memedit.export.api import VerificationFailed, export_onnx
     from memedit.export.onnx import ExportOptions
     from memedit.export.parity import ParityInputs
-    from memedit.subspace import Subspace
+    from memedit.subspace import Subspace, apply_subspace
 
     torch.set_num_threads(args.threads)
     figures: dict = {"threads": args.threads, "mode": "pipeline"}
