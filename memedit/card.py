@@ -193,7 +193,9 @@ def build_card(manifest: dict, source: dict, version: str, source_metadata: dict
         base=_base_section(source, manifest.get("model", {}).get("identity"), kept_card),
         edit=_edit_section(manifest, version), layers=_layers_section(manifest),
         prompts=_prompts_section(manifest), results=_NOT_YET,
-        original=hub_id or source.get("path"))
+        original=(f"{hub_id} --revision {source['commit'] or source['revision']}"
+                  if hub_id and (source.get("commit") or source.get("revision"))
+                  else hub_id or source.get("path")))
 
 
 def source_record(source: ModelSource) -> dict:

@@ -135,11 +135,19 @@ def push_options(model_param: str = "model", out_param: str = "out"):
                     raise MemeditError("--private applies to --push-to-hub, which is not given.",
                                        "Add --push-to-hub REPO, or drop --private.")
                 return func(*args, **kwargs)
+            from memedit.distributed import launched
+
+            if launched():
+                raise MemeditError(
+                    "--push-to-hub under a launcher of several processes: the others would "
+                    "wait on the upload past their timeout.",
+                    "Push the output afterwards: memedit.hub.push_folder, or "
+                    "`huggingface-cli upload REPO FOLDER`.")
             push = HubPush(push_to_hub, private, kwargs.get("token"))
             check_push(push)
             model = kwargs.get(model_param)
-            if model is not None and Path(os.fspath(model)).expanduser().exists():
-                kwargs["token"] = None  # the push's token; a local folder needs none
+            if model is None or Path(os.fspath(model)).expanduser().exists():
+                kwargs["token"] = None  # the push's token; a local model needs none
             func(*args, **kwargs)
             url = push_folder(kwargs[out_param], push)
             click.echo(f"Pushed {kwargs[out_param]} to {url}", err=True)

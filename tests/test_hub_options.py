@@ -192,3 +192,16 @@ def test_every_command_that_reads_a_model_takes_the_hub_options(command):
     assert all(option in text for option in ("--revision", "--variant", "--token")), command
     pushes = command in ("bake", "locate-and-bake", "export")
     assert ("--push-to-hub REPO" in text) == pushes and ("  --private " in text) == pushes
+
+
+def test_push_refused_under_a_launcher(online, tiny_model_dir, subspace_dir, tmp_path,
+                                       monkeypatch):
+    """Under `accelerate launch` the other processes would wait on the upload: refused up
+    front (this process is kept a single one; only the launcher check sees several)."""
+    from memedit import distributed
+
+    monkeypatch.setattr(distributed, "_state", distributed.ProcessState())
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    result = run("bake", "--model", tiny_model_dir, "--subspace", subspace_dir, "--out",
+                 tmp_path / "out", "--push-to-hub", "me/x", "--token", "t", code=2)
+    assert "under a launcher" in result.output and not (tmp_path / "out").exists()

@@ -36,7 +36,12 @@ from memedit.evaluation.harness import (
     score_group,
 )
 from memedit.evaluation.similarity import MEASURES, Measure, load_image, resize, to_pil
-from memedit.families import encode_conditioning, pipeline_conditioning, unet_conditioning
+from memedit.families import (
+    encode_conditioning,
+    pipeline_conditioning,
+    prediction_type,
+    unet_conditioning,
+)
 from memedit.prompts import PromptRecord, PromptSet
 from memedit.sampling import SamplingConfig, batches, generators
 
@@ -209,21 +214,21 @@ def training_scheduler(pipe):
 
 def denoising_loss(pipe, scheduler, y: torch.Tensor, z0: torch.Tensor, eps: torch.Tensor,
                    t: torch.Tensor) -> torch.Tensor:
-    """Per-prompt denoising loss ``[P]``: ``y [P, 77, d]``, ``z0 [P, C, h, w]``, ``eps
+    """Per-prompt denoising loss ``[P]``: ``y [P, T, d]``, ``z0 [P, C, h, w]``, ``eps
     [P, K, C, h, w]`` and ``t [P, K]`` (K noise/timestep pairs per prompt); the target is the
     noise, or the velocity for a v-prediction model."""
     prompts, pairs = t.shape
     z0 = z0.repeat_interleave(pairs, dim=0)
     eps, t = eps.flatten(0, 1), t.flatten()
     z_t = scheduler.add_noise(z0, eps, t)
-    kind = scheduler.config.prediction_type
+    kind = prediction_type(pipe)
     if kind == "epsilon":
         target = eps
     elif kind == "v_prediction":
         target = scheduler.get_velocity(z0, eps, t)
     else:
         raise MemeditError(f"The scheduler predicts {kind!r}; the attack supports epsilon and "
-                           "v_prediction models.", "Attack a Stable Diffusion 1.x/2.x model.")
+                           "v_prediction models.", "Attack a Stable Diffusion 1.x/2.x/XL model.")
     unet = pipe.unet
     height, width = (side * pipe.vae_scale_factor for side in z0.shape[-2:])
     conditioning = unet_conditioning(pipe, y.repeat_interleave(pairs, dim=0), height, width)
@@ -242,7 +247,7 @@ def draw_pairs(gens: Sequence[torch.Generator], pairs: int, latent_shape: tuple[
 def optimize_embeddings(pipe, y_start: torch.Tensor, z0: torch.Tensor, config: AttackConfig,
                         gens: Sequence[torch.Generator], progress=None
                         ) -> tuple[dict[int, torch.Tensor], np.ndarray]:
-    """Adam on ``y`` only, from ``y_start [P, 77, d]`` towards the latents ``z0``.
+    """Adam on ``y`` only, from ``y_start [P, T, d]`` towards the latents ``z0``.
 
     Returns the embedding after each checkpoint's step count (CPU float32, step 0 = the
     start) and the loss of every step ``[P, steps]``. The caller freezes the pipeline.
