@@ -465,10 +465,6 @@ def testbed_control(memorized: PromptSet, folder: Path) -> PromptSet | None:
 # ---------------------------------------------------------------------------- summaries
 
 
-def _hits(values: np.ndarray, measure: Measure, threshold: float) -> np.ndarray:
-    return values > threshold if measure.higher_is_similar else values < threshold
-
-
 def checkpoint_rows(run: AttackRun, settings: EvalSettings) -> list[dict]:
     """Totals per checkpoint: copy and near-copy rates over all generations, and the median
     over prompts of the per-prompt mean score (the evaluation's aggregation)."""
@@ -500,8 +496,8 @@ def prompt_rows(run: AttackRun, settings: EvalSettings, base: Path | None = None
         for k, (step, scores) in enumerate(run.scores.items()):
             values = np.asarray(scores["per_prompt"][i][settings.measure])
             checkpoints.append({"steps": step,
-                                "copy_rate": float(_hits(values, measure, copy).mean()),
-                                "near_copy_rate": float(_hits(values, measure, near).mean()),
+                                "copy_rate": float(measure.is_memorized(values, copy).mean()),
+                                "near_copy_rate": float(measure.is_memorized(values, near).mean()),
                                 "median": float(np.median(values)),
                                 "scores": values.tolist(),
                                 "embedding_drift": float(run.drift[i, k])})
@@ -582,7 +578,7 @@ def table(result: AttackResult) -> str:
     settings, config = result.settings, result.config
     copy, near = copy_thresholds(settings)
     measure = settings.measure
-    direction = ">" if MEASURES[measure].higher_is_similar else "<"
+    direction = MEASURES[measure].symbol
     target = checkpoint_rows(result.target, settings)
     control = checkpoint_rows(result.control, settings) if result.control else None
     headers = ["steps", "copies", "near", f"median {measure}"]
@@ -638,7 +634,7 @@ def curve_plot(result: AttackResult) -> bytes:
     settings = result.settings
     copy, near = copy_thresholds(settings)
     measure = settings.measure
-    direction = ">" if MEASURES[measure].higher_is_similar else "<"
+    direction = MEASURES[measure].symbol
     fig, (ax_rate, ax_med) = plt.subplots(1, 2, figsize=(11, 4))
     runs = [(result.target, "tab:blue", "target (training images)")]
     if result.control is not None:

@@ -275,7 +275,7 @@ def image_copy_check(pipe, sampling: SamplingConfig, seeds: Sequence[int], score
     """Copying = some seed's generation is within ``threshold`` of the prompt's training
     image(s) by ``scorer`` (evaluate's measure): the level is the closest seed, signed so that
     higher is more similar, as NeMo takes the max over its seeds."""
-    sign = 1.0 if scorer.measure.higher_is_similar else -1.0
+    sign = scorer.measure.sign
 
     def level(record: PromptRecord) -> float:
         images = generate_images(pipe, [record.prompt] * len(seeds), list(seeds), sampling)

@@ -132,7 +132,7 @@ def sweep_plot(result: EvaluationResult) -> bytes | None:
             if value is not None:
                 utility_label = utility_label or label
                 ax_util.axhline(value, color=colour, linestyle=":", label=kind)
-    direction = ">" if thresholds and MEASURES[measure].higher_is_similar else "<"
+    direction = MEASURES[measure].symbol
     ax_mem.set(xscale="log", xlabel="k (fraction of each row's inputs)",
                ylabel=f"memorization rate ({measure} {direction} {threshold})", ylim=(-0.02, 1.02))
     ax_med.set(xscale="log", xlabel="k",

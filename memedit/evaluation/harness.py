@@ -87,8 +87,7 @@ class EvalSettings:
                 "direction": "higher = more similar" if measure.higher_is_similar
                 else "lower = more similar",
                 "thresholds": list(self.resolved_thresholds),
-                "memorized_if": ("score > threshold" if measure.higher_is_similar
-                                 else "score < threshold"),
+                "memorized_if": f"score {measure.symbol} threshold",
                 "secondary": [m for m in ("mse", "ssim") if m != measure.name],
             },
             "aggregation": {
@@ -247,7 +246,7 @@ def memorization_summary(per_generation: np.ndarray, measure: str,
            "generations": int(per_generation.size)} | _summary(per_prompt)
     rates = {}
     for threshold in thresholds:
-        hit = per_generation > threshold if spec.higher_is_similar else per_generation < threshold
+        hit = spec.is_memorized(per_generation, threshold)
         rate = float(hit.mean())
         # Binomial standard error over generations (seeds of one prompt are not independent,
         # so read it as a lower bound on the uncertainty).

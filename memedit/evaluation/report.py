@@ -129,7 +129,7 @@ def table(result: EvaluationResult) -> str:
         row.append(" / ".join(_fmt(aurocs.get(g), 2) for g in groups))
         row += list(_utility_cell(variant))
         rows.append(row)
-    direction = "<" if not MEASURES[measure].higher_is_similar else ">"
+    direction = MEASURES[measure].symbol
     header = (f"memorized = {measure} {direction} {threshold} (share of generations); "
               f"{settings.gt_aggregate} over training images; median over prompts of the mean "
               f"over {len(settings.seeds)} seeds; detector AUROC vs ordinary prompts "

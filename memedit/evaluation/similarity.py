@@ -42,9 +42,25 @@ class Measure:
     default_thresholds: tuple[float, ...]
     description: str
 
-    def is_memorized(self, value: float, threshold: float) -> bool:
-        """Whether one score crosses ``threshold`` towards "copy" (strict, as in the papers)."""
+    @property
+    def symbol(self) -> str:
+        """The comparison that reads "memorized": ``score > threshold`` or ``score <
+        threshold``."""
+        return ">" if self.higher_is_similar else "<"
+
+    @property
+    def sign(self) -> float:
+        """+1 or -1: ``sign * score`` grows towards "copy"."""
+        return 1.0 if self.higher_is_similar else -1.0
+
+    def is_memorized(self, value: float | np.ndarray,
+                     threshold: float) -> bool | np.ndarray:
+        """Whether a score (or each of an array's) crosses ``threshold`` towards "copy"
+        (strict, as in the papers)."""
         return value > threshold if self.higher_is_similar else value < threshold
+
+    def most_similar(self, values: np.ndarray) -> float:
+        return float(values.max() if self.higher_is_similar else values.min())
 
 
 MEASURES = {
@@ -193,7 +209,7 @@ def aggregate_ground_truths(values: Sequence[float], measure: Measure, how: str)
     if how == "mean":
         return float(values.mean())
     if how == "max":
-        return float(values.max() if measure.higher_is_similar else values.min())
+        return measure.most_similar(values)
     raise ValueError(f"unknown ground-truth aggregation {how!r}")
 
 
