@@ -32,6 +32,7 @@ from memedit.families import (
     prediction_type,
     split_conditioning,
 )
+from memedit.locate import LocateConfig, record_embedding_statistics, record_statistics
 from memedit.prompts import PromptSet
 from memedit.sampling import SamplingConfig, generate_images
 from memedit.subspace import Subspace
@@ -179,6 +180,21 @@ def test_conditioning_reproduces_the_pipelines_own_images(name):
     embeds, pooled = split_conditioning(pipe, y)
     assert embeds.shape[1] == 77
     assert (pooled is not None) == FAMILIES[name].pooled
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_recording_from_conditioning_equals_recording_from_prompts(name):
+    """Hardening records the UNet's statistics from attacked conditionings: from a prompt's
+    own conditioning they are the prompt's statistics, in every family."""
+    pipe = build_tiny_pipeline(family=name)
+    config = LocateConfig(targets=("ff_out",), tau=2, sampling=FAST)
+    prompts = PromptSet.from_prompts(["a red cat", "the blue dog"])
+    from_prompts = record_statistics(pipe, prompts, config, progress=False)
+    from_y = record_embedding_statistics(pipe, prompt_embeddings(pipe, prompts.prompts), "y",
+                                         config, progress=False)
+    assert from_y.sumsq.keys() == from_prompts.sumsq.keys()
+    for key, value in from_prompts.sumsq.items():
+        torch.testing.assert_close(from_y.sumsq[key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_sdxl_attack_optimizes_tokens_and_pooled_embedding():
