@@ -117,9 +117,9 @@ def _edit_section(manifest: dict, version: str) -> str:
     sampling = method.get("sampling", {})
     targets = method.get("targets", {})
     rows = [["method", f"{method.get('name')} ([paper]({PAPER}))"],
-            ["k (fraction of each layer's weights zeroed)", method.get("k")],
-            ["tau (activation-contrast threshold)", method.get("tau")],
-            ["rho", method.get("rho")],
+            ["k (per output row: the top fraction of inputs by Wanda score)", method.get("k")],
+            ["tau (the first UNet calls aggregated)", method.get("tau")],
+            ["rho (kept if flagged in more than rho·tau calls; 0: any)", method.get("rho")],
             ["granularity", method.get("granularity")],
             ["target layers", "; ".join(f"{kind}: {text}" for kind, text in targets.items())],
             ["scheduler, steps, guidance scale, seed",
@@ -184,9 +184,10 @@ def build_card(manifest: dict, source: dict, version: str, source_metadata: dict
         f"{len(manifest['layers'])} edited layers set to zero by memedit {version}: "
         "the weights the model leans on to reproduce memorized training images, located and "
         f"deleted as in Chavhan et al. (2024), [\"Memorized Images in Diffusion Models share a "
-        f"Subspace that can be Located and Deleted\"]({PAPER}). Every other weight and file is "
-        "the base model's, unchanged. This is an edited model, not the base model: it loads "
-        "as any diffusers pipeline (`DiffusionPipeline.from_pretrained`).")
+        f"Subspace that can be Located and Deleted\"]({PAPER}). Every other weight is the base "
+        "model's, unchanged, and so is every other file but this card. This is an edited "
+        "model, not the base model: it loads as any diffusers pipeline "
+        "(`DiffusionPipeline.from_pretrained`).")
     return ModelCard.from_template(
         data, template_str=_TEMPLATE, title=f"{name}, memorization edited by memedit",
         summary=summary,

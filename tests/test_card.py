@@ -80,7 +80,8 @@ def test_baked_readme_is_a_card_of_the_edit(baked):
     assert str(source) in text and subspace.manifest["model"]["identity"]["sha256"] in text
     assert "Chavhan et al." in text and "arxiv.org/abs/2406.18566" in text
     assert "wanda-contrast" in text
-    assert "| k (fraction of each layer's weights zeroed) | 0.05 |" in text
+    assert "| k (per output row: the top fraction of inputs by Wanda score) | 0.05 |" in text
+    assert "| tau (the first UNet calls aggregated) | 3 |" in text
     assert "The source model" not in text  # the source card is not passed off as this one
     layers = subspace.manifest["layers"]
     for key, counts in layers.items():
@@ -105,6 +106,7 @@ def test_evaluate_and_attack_update_the_card(baked, tmp_path):
     _, out, _ = baked
     model = tmp_path / "model"
     shutil.copytree(out, model)  # the module's bake stays pristine for the other tests
+    before = _digest(model)
     memorized = _write_prompts(tmp_path, "mem", 2, seed=0)
     ordinary = tmp_path / "ordinary.txt"
     ordinary.write_text("a green square\n")
@@ -117,7 +119,10 @@ def test_evaluate_and_attack_update_the_card(baked, tmp_path):
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     for entry in report["prompt_sets"].values():
         assert entry["sha256"] in card.text
-    assert memedit.verify_sanitized(model).ok  # only README.md changed
+    after = _digest(model)  # README.md changed, nothing else, and nothing was left behind
+    assert after.keys() == before.keys()
+    assert [name for name in after if after[name] != before[name]] == ["README.md"]
+    assert memedit.verify_sanitized(model).ok
 
     run("attack", "--model", model, "--memorized", memorized, "--out", tmp_path / "attack",
         "--attack-steps", "1", "--checkpoints", "1", "--pairs", "1", "--steps", "2",
