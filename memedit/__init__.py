@@ -5,7 +5,7 @@ Located and Deleted", 2024).
     >>> import memedit
     >>> pipe, source = memedit.load_pipeline("path/to/stable-diffusion")
     >>> subspace = memedit.locate(pipe, memedit.read_prompts("memorized.jsonl"), source=source)
-    >>> memedit.bake(source.spec, subspace, "sanitized-model")
+    >>> memedit.bake(source, subspace, "sanitized-model")  # the files pipe was loaded from
 """
 
 from memedit.artifacts import VERSION as __version__
