@@ -205,3 +205,12 @@ def test_push_refused_under_a_launcher(online, tiny_model_dir, subspace_dir, tmp
     result = run("bake", "--model", tiny_model_dir, "--subspace", subspace_dir, "--out",
                  tmp_path / "out", "--push-to-hub", "me/x", "--token", "t", code=2)
     assert "under a launcher" in result.output and not (tmp_path / "out").exists()
+
+
+def test_evaluation_commands_load_the_resolved_hub_model(hub, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    result = run("detect", "--model", "org/tiny", "--revision", "v2", "--prompts", prompts,
+                 "--steps", "2", "--seeds", "1", "--detector-steps", "1", "--json")
+    assert [(call["name"], call["revision"]) for call in hub] == [("org/tiny", "v2")]
+    assert json.loads(result.stdout)["model"] == "org/tiny"
