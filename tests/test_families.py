@@ -36,7 +36,7 @@ from memedit.locate import LocateConfig, record_embedding_statistics, record_sta
 from memedit.prompts import PromptSet
 from memedit.sampling import SamplingConfig, generate_images
 from memedit.subspace import Subspace
-from memedit.targets import find_target_layers
+from memedit.targets import TARGET_KINDS, find_target_layers
 from memedit.testing import build_tiny_pipeline, save_tiny_pipeline
 
 FAST = SamplingConfig(steps=3, guidance_scale=7.5, batch_size=2)
@@ -93,6 +93,10 @@ def test_every_family_has_a_fixture_it_is_detected_from(name, tmp_path):
     assert params < 2_000_000
     for component in family.components:
         assert getattr(pipe, component) is not None, component
+    # Every target kind the family lists exists and names components the family has.
+    assert set(family.targets) <= set(TARGET_KINDS)
+    assert {c for names in family.targets.values() for c in names} <= set(family.components)
+    assert set(family.text_encoders) <= set(family.components)
     pipe.save_pretrained(tmp_path / name, safe_serialization=True)
     assert family_of_folder(tmp_path / name) is family
 
