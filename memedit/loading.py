@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from memedit.errors import MemeditError
+from memedit.families import family_of_folder
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -202,12 +203,14 @@ def validate_pipeline_folder(path: Path, allow_pickle: bool = False) -> None:
             "Pass the folder that `save_pretrained` wrote (with unet/, text_encoder/, ...).",
         )
     source = ModelSource(str(path), path)
-    for name in ("unet", "text_encoder", "tokenizer"):
+    # The model family (memedit/families.py) says which components the folder must have; an
+    # unknown pipeline class is refused here, before any weight is read.
+    family = family_of_folder(path)
+    for name in family.components:
         if name not in source.components or not (path / name).is_dir():
             raise MemeditError(
-                f"{path} has no {name}/ component; memedit edits text-to-image pipelines "
-                "such as Stable Diffusion 1.x/2.x.",
-                "Pass a Stable Diffusion pipeline folder.",
+                f"{path} has no {name}/ component, which a {family.label} pipeline has.",
+                "Pass the complete folder that `save_pretrained` wrote.",
             )
     for name in source.components:
         folder = path / name
