@@ -134,6 +134,19 @@ def test_locate_refuses_an_unknown_pipeline_class(tmp_path, prompt_files):
     assert not (tmp_path / "s").exists()
 
 
+def test_sdxl_folder_without_its_second_text_encoder_is_refused(tmp_path, prompt_files):
+    import shutil
+
+    folder = save_tiny_pipeline(tmp_path / "model", family="sdxl")
+    shutil.rmtree(folder / "text_encoder_2")
+    result = CliRunner().invoke(cli, ["locate", "--model", str(folder), "--memorized",
+                                      str(prompt_files[0]), "--out", str(tmp_path / "s"),
+                                      *METHOD])
+    assert result.exit_code == 2, result.output
+    assert "has no text_encoder_2/ component" in result.output
+    assert "Stable Diffusion XL" in result.output
+
+
 # ---------------------------------------------------------------------------- SDXL's parts
 
 
