@@ -46,8 +46,10 @@ class Family:
     ``targets``: target kind -> the component(s) whose layers it names (mask keys are
     ``component/param``, so SDXL's second text encoder's keys start ``text_encoder_2/``).
     ``unet_config``: UNet config values that tell this family from another with the same
-    pipeline class (SD 2.x's linear projections). ``pooled``: the UNet also reads the last text
-    encoder's pooled projection (``text_embeds``) and ``time_ids`` (SDXL's ``text_time``).
+    pipeline class (SD 2.x's linear projections). ``unet_extra_inputs``: the UNet's inputs
+    besides sample, timestep and encoder_hidden_states (the keys of diffusers'
+    ``added_cond_kwargs``, and the ONNX graph's input names): SDXL's ``text_time`` conditioning
+    reads the last text encoder's pooled projection (``text_embeds``) and ``time_ids``.
     ``onnx_graphs``: the folders Optimum writes, each with a ``model.onnx``; parity compares
     each of them (the VAE encoder only where exported) and the whole image.
     """
@@ -62,13 +64,12 @@ class Family:
     onnx_graphs: tuple[str, ...]
     ort_pipeline_class: str
     unet_config: Mapping[str, object] = field(default_factory=dict)
-    pooled: bool = False
+    unet_extra_inputs: tuple[str, ...] = ()
 
     @property
-    def unet_extra_inputs(self) -> tuple[str, ...]:
-        """The UNet's inputs besides sample, timestep and encoder_hidden_states (ONNX names,
-        the keys of diffusers' ``added_cond_kwargs``)."""
-        return ("text_embeds", "time_ids") if self.pooled else ()
+    def pooled(self) -> bool:
+        """The UNet reads a pooled text embedding, carried as the conditioning's last row."""
+        return "text_embeds" in self.unet_extra_inputs
 
     def components_for(self, kind: str) -> tuple[str, ...]:
         if kind not in self.targets:
@@ -116,7 +117,8 @@ register(Family(
     targets={**{kind: ("unet",) for kind in UNET_KINDS},
              "text_mlp": ("text_encoder", "text_encoder_2")},
     onnx_graphs=("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"),
-    ort_pipeline_class="ORTStableDiffusionXLPipeline", pooled=True,
+    ort_pipeline_class="ORTStableDiffusionXLPipeline",
+    unet_extra_inputs=("text_embeds", "time_ids"),
 ))
 
 
@@ -218,13 +220,14 @@ def time_ids(pipe, height: int, width: int, count: int) -> torch.Tensor:
 def unet_conditioning(pipe, y: torch.Tensor, height: int, width: int) -> dict:
     """The UNet's keyword arguments for the conditioning ``y`` (images ``height x width``):
     ``encoder_hidden_states`` and, for a pooled family, ``added_cond_kwargs``."""
+    family = family_of(pipe)
     embeds, pooled = split_conditioning(pipe, y)
     dtype, device = pipe.unet.dtype, pipe.unet.device
     kwargs: dict = {"encoder_hidden_states": embeds.to(device, dtype)}
-    if pooled is not None:
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": pooled.to(device, dtype),
-            "time_ids": time_ids(pipe, height, width, len(y)).to(device, dtype)}
+    if family.unet_extra_inputs:
+        values = {"text_embeds": pooled, "time_ids": time_ids(pipe, height, width, len(y))}
+        kwargs["added_cond_kwargs"] = {name: values[name].to(device, dtype)
+                                       for name in family.unet_extra_inputs}
     return kwargs
 
 

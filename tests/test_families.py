@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -265,25 +266,28 @@ def test_family_end_to_end_through_the_cli(family_dir, prompt_files, tmp_path):
     # The default controls run too: a random mask like the edit, and NeMo.
     assert [v["name"] for v in report["variants"]] == ["original", "sanitized", "random", "nemo"]
 
-    onnx = tmp_path / "onnx"
-    verified = _last_json(_cli("export", "--onnx", baked, "--out", onnx,
+    onnx_dir = tmp_path / "onnx"
+    verified = _last_json(_cli("export", "--onnx", baked, "--out", onnx_dir,
                                "--no-optimum-validation", "--threads", "1", "--steps", "2",
                                "--json"))
     assert verified["verdict"] == "PASSED"
     assert verified["audit"]["passed"] and verified["parity"]["passed"]
     compared = {c["name"] for c in verified["parity"]["comparisons"]}
     assert set(family.text_encoders) | {"unet", "vae_decoder"} <= compared
-    assert all((onnx / graph / "model.onnx").is_file() for graph in family.onnx_graphs)
+    assert all((onnx_dir / graph / "model.onnx").is_file() for graph in family.onnx_graphs)
+    unet_graph = onnx.load(str(onnx_dir / "unet" / "model.onnx"), load_external_data=False)
+    assert [i.name for i in unet_graph.graph.input] == [
+        "sample", "timestep", "encoder_hidden_states", *family.unet_extra_inputs]
     audited = {row["key"].split("/")[0] for row in verified["audit"]["parameters"]}
     assert audited == edited
 
-    ort_pipe, _ = load_ort_pipeline(onnx, "cpu", threads=1)
+    ort_pipe, _ = load_ort_pipeline(onnx_dir, "cpu", threads=1)
     assert type(ort_pipe).__name__ == family.ort_pipeline_class
     assert family_of(ort_pipe) is family
     del ort_pipe
 
     image = tmp_path / "image.png"
-    _cli("generate", "--onnx", onnx, "a red cat", "--out", image, "--steps", "2",
+    _cli("generate", "--onnx", onnx_dir, "a red cat", "--out", image, "--steps", "2",
          "--provider", "cpu", "--threads", "1")
     from PIL import Image
 
