@@ -23,6 +23,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from tabulate import tabulate
 
 from memedit.errors import MemeditError
+from memedit.families import family_of_folder
 from memedit.loading import ModelSource
 from memedit.outputs import atomic_write_bytes, written_by_memedit
 
@@ -313,8 +314,9 @@ def write_export_card(folder: Path, source: ModelSource, verdict: str, report: s
 
     own = source.path / CARD_FILE
     text = own.read_text(encoding="utf-8", errors="replace") if own.is_file() else ""
+    ort_class = family_of_folder(source.path).ort_pipeline_class  # SDXL's is another class
     section = (f"## ONNX export\n\nThis folder is the ONNX export (Optimum's layout; loads "
-               "with `optimum.onnxruntime.ORTStableDiffusionPipeline`) of "
+               f"with `optimum.onnxruntime.{ort_class}`) of "
                f"`{source.hub_id or source.spec}`, written by memedit {__version__}. Audit and "
                f"parity: **{verdict}**.\n\n```\n{report.rstrip()}\n```\n")
     if _RESULTS_START in text:

@@ -281,6 +281,8 @@ def test_family_end_to_end_through_the_cli(family_dir, prompt_files, tmp_path):
     audited = {row["key"].split("/")[0] for row in verified["audit"]["parameters"]}
     assert audited == edited
 
+    assert f"optimum.onnxruntime.{family.ort_pipeline_class}" in (
+        onnx_dir / "README.md").read_text()  # the export's card names the class that loads it
     ort_pipe, _ = load_ort_pipeline(onnx_dir, "cpu", threads=1)
     assert type(ort_pipe).__name__ == family.ort_pipeline_class
     assert family_of(ort_pipe) is family
