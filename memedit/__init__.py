@@ -13,9 +13,9 @@ from memedit.baking import BakeResult, bake
 from memedit.calibration import CalibrationConfig, calibrate
 from memedit.compare import compare_subspaces
 from memedit.errors import MemeditError
-from memedit.evaluation.api import EvaluationReport, detect, evaluate, sweep
-from memedit.evaluation.attack import AttackConfig, attack
-from memedit.inspection import verify_sanitized
+from memedit.evaluation.api import EvaluationReport, attack, detect, evaluate, sweep
+from memedit.evaluation.attack import AttackConfig
+from memedit.inspection import inspect, verify_sanitized
 from memedit.loading import load_pipeline, resolve_model
 from memedit.locate import (
     LocateConfig,
@@ -50,6 +50,7 @@ __all__ = [
     "detect",
     "empty_reference",
     "evaluate",
+    "inspect",
     "load_pipeline",
     "load_stats",
     "locate",

@@ -482,7 +482,7 @@ def inspect_command(path: Path, original: str | None, independent: Path | None,
     VERIFIABLE (nothing found wrong, but the provenance, the original or a record needed is
     missing); 2 user error.
     """
-    from memedit.inspection import EXIT_STATUS, verify_path
+    from memedit.inspection import EXIT_STATUS, inspect
     from memedit.subspace import Subspace
 
     if print_digest or no_verify:
@@ -493,7 +493,7 @@ def inspect_command(path: Path, original: str | None, independent: Path | None,
         subspace.check_fields(SUMMARY_FIELDS)
         emit(_subspace_summary(subspace), as_json, _render_subspace)
         return
-    verification = verify_path(path, original, independent, expect_digest, allow_pickle)
+    verification = inspect(path, original, independent, expect_digest, allow_pickle)
     summary: dict = {}
     if verification.subspace is not None:
         verification.subspace.check_fields(SUMMARY_FIELDS)

@@ -357,10 +357,11 @@ def verify_sanitized(model: str | Path, original: str | Path | None = None,
     return report
 
 
-def verify_path(path: str | Path, original: str | Path | None = None,
-                subspace: str | Path | None = None, expect_digest: str | None = None,
-                allow_pickle: bool = False) -> Verification:
-    """:func:`verify_sanitized` for a pipeline folder, :func:`verify_subspace` otherwise."""
+def inspect(path: str | Path, original: str | Path | None = None,
+            subspace: str | Path | None = None, expect_digest: str | None = None,
+            allow_pickle: bool = False) -> Verification:
+    """What ``memedit inspect`` checks: :func:`verify_sanitized` for a pipeline folder,
+    :func:`verify_subspace` otherwise (``EXIT_STATUS[result.verdict]`` is its exit status)."""
     if is_pipeline_folder(Path(path)):
         return verify_sanitized(path, original, allow_pickle, subspace, expect_digest)
     if original is not None:

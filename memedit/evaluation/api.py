@@ -1,5 +1,6 @@
-"""``memedit.evaluate``, ``memedit.sweep`` and ``memedit.detect``: what the commands of the same
-names do, as one call each. The commands only parse their options into these calls and print.
+"""``memedit.evaluate``, ``memedit.sweep``, ``memedit.detect`` and ``memedit.attack``: what the
+commands of the same names do, as one call each. The commands only parse their options into
+these calls and print.
 
 Options are named as the commands name them (``--nemo-mode`` is ``nemo_mode``, ``--seeds`` the
 number of seeds per prompt); lists the command takes comma-separated (``--k``,
@@ -10,8 +11,11 @@ baked from it; the original recorded at bake time as the baseline of a baked mod
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,16 +32,15 @@ CONTROLS = ("random", "nemo")
 
 
 @dataclass(frozen=True)
-class SamplingOptions:
-    """The options of every command that samples (``evaluate``, ``sweep``, ``detect``)."""
+class GenerationOptions:
+    """The options of every command that generates (``evaluate``, ``sweep``, ``detect``,
+    ``attack``)."""
 
     steps: int = 50
     guidance_scale: float = 7.5
     batch_size: int = 8
     seeds: int = 4  # per memorized prompt; the detector uses them too
     seed_start: int = 100  # seeds are consecutive, away from the locate seed (0)
-    detector_steps: int | None = None  # None: 5, or every step with detector_scheduler="ddim"
-    detector_scheduler: str = "pipeline"
     height: int | None = None
     width: int | None = None
     device: str = "auto"
@@ -51,6 +54,15 @@ class SamplingOptions:
 
     def seed_values(self) -> tuple[int, ...]:
         return seed_range(self.seeds, self.seed_start)
+
+
+@dataclass(frozen=True)
+class SamplingOptions(GenerationOptions):
+    """The options of the commands that also run the detector (``evaluate``, ``sweep``,
+    ``detect``)."""
+
+    detector_steps: int | None = None  # None: 5, or every step with detector_scheduler="ddim"
+    detector_scheduler: str = "pipeline"
 
     def resolved_detector_steps(self) -> int | None:
         """``None`` (every step) for Wen et al.'s DDIM set-up unless the user chose a number."""
@@ -145,6 +157,30 @@ class EvaluationOptions(SamplingOptions):
         origin = (bake_source(model) or {}).get("path")  # the baseline a baked model implies
         return [model, baseline, origin, *self.also, self.memorized, self.ordinary,
                 self.locate_prompts, self.reference, self.nemo_reference, self.sscd, self.clip]
+
+
+@dataclass(frozen=True)
+class AttackOptions(GenerationOptions):
+    """The options of ``attack`` (``memedit attack --help`` explains each)."""
+
+    out: PathLike | None = None  # folder for report.json, table.txt, curve.png, grid.png
+    overwrite: bool = False
+    memorized: PathLike | None = None
+    control: PathLike | None = None
+    start: str = "prompt"
+    start_prompts: PathLike | None = None
+    lr: float = 0.1
+    attack_steps: int = 50
+    pairs: int = 8
+    checkpoints: Sequence[int] | None = None
+    attack_seed: int = 0
+    prompt_batch: int = 1
+    control_limit: float = 0.1
+    measure: str = "auto"
+    sscd: PathLike | None = None
+    threshold: Sequence[float] | None = None
+    gt_aggregate: str = "max"
+    grid_prompts: int = 4
 
 
 @dataclass
@@ -402,3 +438,68 @@ def detect(model: PathLike | None = None, prompts: PathLike | PromptSet | None =
     if out is not None:
         atomic_write_bytes(out, report_json(result), overwrite, inputs)
     return result
+
+
+def attack(model: PathLike | None = None, **options) -> dict:
+    """Try to bring removed copies back with the embedding attack, as ``memedit attack``
+    does: ``model`` (default: the embedded test model) is loaded, each memorized prompt's
+    text embedding optimized towards its training image, every weight frozen, and scored at
+    each checkpoint; the same attack on images the model never trained on is the control
+    (for the embedded model, drawn by memedit). ``options`` are :class:`AttackOptions`;
+    returns the report, written to ``out`` (with the table and figures) when given.
+
+    :func:`memedit.evaluation.attack.attack` is the same attack on a loaded pipeline.
+    """
+    from memedit.evaluation import attack as attacks
+    from memedit.evaluation.report import report_json
+    from memedit.evaluation.similarity import SSCD
+    from memedit.loading import load_pipeline
+    from memedit.outputs import atomic_output_dir
+    from memedit.prompts import read_prompts
+
+    o = AttackOptions(**options)
+    config = attacks.AttackConfig(
+        lr=o.lr, steps=o.attack_steps, pairs=o.pairs,
+        checkpoints=None if o.checkpoints is None else tuple(o.checkpoints), start=o.start,
+        seed=o.attack_seed, prompt_batch=o.prompt_batch, control_limit=o.control_limit)
+    measure = o.measure if o.measure != "auto" else "sscd" if o.sscd else "mse"
+    settings = EvalSettings(
+        sampling=o.sampling(), seeds=o.seed_values(), measure=measure,
+        thresholds=None if o.threshold is None else tuple(o.threshold),
+        gt_aggregate=o.gt_aggregate, grid_prompts=o.grid_prompts, progress=not o.quiet)
+    origin = bake_source(model)
+    embedded = is_embedded(model)
+    if embedded:
+        from memedit.testbed import prompt_file
+
+        o = replace(o, memorized=o.memorized or prompt_file("memorized_heldout"))
+        if config.start == "ordinary":
+            o = replace(o, start_prompts=o.start_prompts or prompt_file("ordinary_seen"))
+    elif o.memorized is None:
+        raise MemeditError("--memorized is required for a model other than the embedded one.",
+                           "Pass a JSONL of memorized prompts with their training images.")
+    inputs = [model, o.memorized, o.control, o.start_prompts, o.sscd]
+    memorized = read_prompts(o.memorized, "memorized")
+    control = read_prompts(o.control, "control") if o.control else None
+    start = read_prompts(o.start_prompts, "start") if o.start_prompts else None
+    sscd = SSCD(o.sscd) if o.sscd else None
+    images = [p for group in (memorized, control) if group is not None
+              for record in group.records for p in record.images]
+    with contextlib.ExitStack() as stack:
+        if o.out is not None:
+            stack.enter_context(hold_output(o.out, o.overwrite, inputs))
+        pipe, source = load_pipeline(model, o.device, o.dtype, o.allow_pickle)
+        context = {"model": source.spec, "baked_from": origin}
+        if o.out is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        else:
+            folder = stack.enter_context(atomic_output_dir(o.out, o.overwrite,
+                                                           [*inputs, *images], "attack"))
+        if control is None and embedded:
+            control = attacks.testbed_control(memorized, folder / "control_images")
+        result = attacks.attack(pipe, memorized, config, settings, control, start, sscd)
+        data = (attacks.build_report(result, context) if o.out is None
+                else attacks.write_outputs(result, folder, context))
+    # The report as report.json holds it (non-finite numbers are null there).
+    return json.loads(report_json(data))
+

@@ -15,7 +15,6 @@ import click
 
 from memedit.errors import MemeditError
 from memedit.hub import model_hub_options
-from memedit.outputs import hold_output
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -307,7 +306,7 @@ def attack_options(func):
                      help="Similarity, as in evaluate: auto = sscd with --sscd, else mse."),
         click.option("--sscd", type=path,
                      help="SSCD TorchScript file (sscd_disc_mixup.torchscript.pt)."),
-        click.option("--threshold", "thresholds",
+        click.option("--threshold", "threshold",
                      help="Copy threshold(s), the first one counts (default: sscd 0.7, mse "
                           "0.01); near copies are within twice the first."),
         click.option("--gt-aggregate", type=click.Choice(["max", "mean"]), default="max",
@@ -317,7 +316,7 @@ def attack_options(func):
         click.option("--guidance-scale", default=7.5, show_default=True),
         click.option("--batch-size", default=8, show_default=True,
                      help="Images per pipeline call."),
-        click.option("--seeds", "seed_count", default=4, show_default=True,
+        click.option("--seeds", "seeds", default=4, show_default=True,
                      help="Generation seeds per prompt and checkpoint."),
         click.option("--seed-start", default=100, show_default=True,
                      help="First generation seed; seeds are consecutive."),
@@ -340,6 +339,13 @@ def _checkpoints(text: str | None) -> tuple[int, ...] | None:
     return None if values is None else tuple(int(v) for v in values)
 
 
+def _parsed_attack(options: dict) -> dict:
+    """The command's options as :func:`memedit.attack` takes them."""
+    return {key: value for key, value in options.items() if key not in ("model", "as_json")} | {
+        "checkpoints": _checkpoints(options["checkpoints"]),
+        "threshold": _floats(options["threshold"], "--threshold")}
+
+
 @click.command(name="attack")
 @attack_options
 @model_hub_options()
@@ -352,55 +358,12 @@ def attack_command(update_card: bool, **o):
     runs the same attack against images the model never trained on as a control: if those
     get copied too, the attack is too strong to say anything about memorization.
     """
-    from memedit.evaluation.api import bake_source, is_embedded, seed_range
-    from memedit.evaluation.attack import AttackConfig, attack, testbed_control, write_outputs
-    from memedit.evaluation.harness import EvalSettings
+    from memedit.evaluation.api import attack
     from memedit.evaluation.report import report_json
-    from memedit.evaluation.similarity import SSCD
-    from memedit.loading import load_pipeline
-    from memedit.outputs import atomic_output_dir
-    from memedit.prompts import read_prompts
-    from memedit.sampling import SamplingConfig
 
-    config = AttackConfig(lr=o["lr"], steps=o["attack_steps"], pairs=o["pairs"],
-                          checkpoints=_checkpoints(o["checkpoints"]), start=o["start"],
-                          seed=o["attack_seed"], prompt_batch=o["prompt_batch"],
-                          control_limit=o["control_limit"])
-    measure = o["measure"] if o["measure"] != "auto" else "sscd" if o["sscd"] else "mse"
-    settings = EvalSettings(
-        sampling=SamplingConfig(steps=o["steps"], guidance_scale=o["guidance_scale"],
-                                batch_size=o["batch_size"], height=o["height"],
-                                width=o["width"]),
-        seeds=seed_range(o["seed_count"], o["seed_start"]), measure=measure,
-        thresholds=_floats(o["thresholds"], "--threshold"), gt_aggregate=o["gt_aggregate"],
-        grid_prompts=o["grid_prompts"], progress=not o["quiet"])
-    origin = bake_source(o["model"])
-    embedded = is_embedded(o["model"])
-    if embedded:
-        from memedit.testbed import prompt_file
-
-        o["memorized"] = o["memorized"] or prompt_file("memorized_heldout")
-        if config.start == "ordinary":
-            o["start_prompts"] = o["start_prompts"] or prompt_file("ordinary_seen")
-    elif o["memorized"] is None:
-        raise MemeditError("--memorized is required for a model other than the embedded one.",
-                           "Pass a JSONL of memorized prompts with their training images.")
     if update_card:
         _check_update_card(o["model"])
-    inputs = [o["model"], o["memorized"], o["control"], o["start_prompts"], o["sscd"]]
-    with hold_output(o["out"], o["overwrite"], inputs):
-        memorized = read_prompts(o["memorized"], "memorized")
-        control = read_prompts(o["control"], "control") if o["control"] else None
-        start = read_prompts(o["start_prompts"], "start") if o["start_prompts"] else None
-        sscd = SSCD(o["sscd"]) if o["sscd"] else None
-        pipe, source = load_pipeline(o["model"], o["device"], o["dtype"], o["allow_pickle"])
-        images = [p for group in (memorized, control) if group is not None
-                  for record in group.records for p in record.images]
-        with atomic_output_dir(o["out"], o["overwrite"], [*inputs, *images], "attack") as tmp:
-            if control is None and embedded:
-                control = testbed_control(memorized, tmp / "control_images")
-            result = attack(pipe, memorized, config, settings, control, start, sscd)
-            data = write_outputs(result, tmp, {"model": source.spec, "baked_from": origin})
+    data = attack(o["model"], **_parsed_attack(o))
     if o["as_json"]:
         click.echo(report_json(data).decode(), nl=False)
     else:
