@@ -91,7 +91,10 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], config: 
 
     def draw(batch: list[tuple[str, int]]) -> np.ndarray:
         result = run_pipeline(pipe, [p for p, _ in batch], [s for _, s in batch], config)
-        return np.asarray(result.images, dtype=np.float32)
+        # C order whatever the pipeline returns (a channel-first view): numpy reduces in memory
+        # order, so a score of the same pixels must not depend on a layout that sending the
+        # images between processes would change.
+        return np.ascontiguousarray(result.images, dtype=np.float32)
 
     # Under a launcher each process draws its share of the batches (the same batches, so the
     # same images) and every process gets all of them back in order.

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from memedit import distributed
 from memedit.errors import MemeditError
 from memedit.outputs import atomic_output_dir, atomic_write_bytes, check_output, hold_output
+from memedit.sampling import SamplingConfig, generate_images
 from memedit.testbed import prompt_file
 
 LOCATE = ["--steps", "4", "--tau", "2", "--k", "0.05", "--batch-size", "2"]
@@ -72,6 +73,14 @@ def test_other_processes_never_write(monkeypatch, tmp_path):
     assert not folder.exists()
     atomic_write_bytes(tmp_path / "file.json", b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_generated_images_are_in_c_order(tiny_pipe):
+    """The pipeline hands back a channel-first view; sent between processes it would arrive
+    in C order, and numpy's sums (the scores) follow memory order: one layout for both."""
+    images = generate_images(tiny_pipe, ["a red square", "a blue circle", "a green dot"],
+                             [0, 1, 2], SamplingConfig(steps=2, batch_size=2))
+    assert images.shape[0] == 3 and images.flags["C_CONTIGUOUS"]
 
 
 # ------------------------------------------------------------------------ launched
@@ -163,13 +172,15 @@ def _small_prompt_sets(tmp_path: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_two_process_evaluate_is_the_one_process_evaluate(tmp_path):
-    """Generation, detector and the embedding-attack column, shared out: same report."""
+    """Locate at one k, then generation, detector, the embedding-attack column and the drift
+    from the original (scores of gathered images), shared out: the same report."""
     prompts = _small_prompt_sets(tmp_path)
     reports = {}
     for processes in (1, 2):
         out = tmp_path / f"eval{processes}"
-        _run(processes, "evaluate", *prompts, "--steps", "4", "--seeds", "2", "--batch-size",
-             "2", "--attack-steps", "2", "--quiet", "--out", out)
+        _run(processes, "evaluate", *prompts, "--k", "0.05", "--tau", "2", "--controls",
+             "none", "--steps", "4", "--seeds", "2", "--batch-size", "2", "--attack-steps", "2",
+             "--quiet", "--out", out)
         reports[processes] = (json.loads((out / "report.json").read_text()),
                               (out / "table.txt").read_text())
 

@@ -373,10 +373,11 @@ def attack_group(pipe, group: PromptSet, role: str, config: AttackConfig,
         for step in steps:
             embeds = by_step[step].repeat_interleave(len(seeds), dim=0)
             pairs = list(zip(embeds, _repeat(group.prompts, seeds)[1], strict=True))
+            # In C order, as generate_images gives: scores must not depend on the layout.
             images = np.concatenate(distributed.map_batches(
-                lambda batch: generate_from_embeddings(
+                lambda batch: np.ascontiguousarray(generate_from_embeddings(
                     pipe, torch.stack([e for e, _ in batch]), negative_cpu,
-                    [s for _, s in batch], settings),
+                    [s for _, s in batch], settings)),
                 list(batches(pairs, settings.sampling.batch_size)), bar), axis=0)
             scores[step] = score_group(images, group, settings, scorers)
             first_seed = [images[i * len(seeds)] for i in range(rows)]
