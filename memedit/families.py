@@ -155,6 +155,9 @@ def family_of_folder(folder: str | Path) -> Family:
     except (OSError, json.JSONDecodeError) as err:
         raise MemeditError(f"Cannot read the pipeline index of {folder}: {err}",
                            "Pass the folder that `save_pretrained` wrote.") from None
+    if not isinstance(index, dict) or not isinstance(config, dict):
+        raise MemeditError(f"{folder}'s model_index.json or unet/config.json is not a JSON "
+                           "object.", "Pass the folder that `save_pretrained` wrote.")
     name = str(index.get("_class_name", "(no _class_name)"))
     return _match([name], config, str(folder))
 

@@ -203,11 +203,12 @@ def validate_pipeline_folder(path: Path, allow_pickle: bool = False) -> None:
             "Pass the folder that `save_pretrained` wrote (with unet/, text_encoder/, ...).",
         )
     source = ModelSource(str(path), path)
+    components = source.components  # reads model_index.json, with its own clear errors
     # The model family (memedit/families.py) says which components the folder must have; an
     # unknown pipeline class is refused here, before any weight is read.
     family = family_of_folder(path)
     for name in family.components:
-        if name not in source.components or not (path / name).is_dir():
+        if name not in components or not (path / name).is_dir():
             raise MemeditError(
                 f"{path} has no {name}/ component, which a {family.label} pipeline has.",
                 "Pass the complete folder that `save_pretrained` wrote.",

@@ -120,6 +120,9 @@ def test_unknown_pipeline_is_refused_clearly(tmp_path):
     (tmp_path / "model_index.json").write_text("{not json")
     with pytest.raises(MemeditError, match="Cannot read the pipeline index"):
         family_of_folder(tmp_path)
+    (tmp_path / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(MemeditError, match="not a JSON object"):
+        family_of_folder(tmp_path)
 
 
 def test_locate_refuses_an_unknown_pipeline_class(tmp_path, prompt_files):
