@@ -10,6 +10,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -28,3 +31,23 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_pipe():
     """A fresh in-memory tiny pipeline (tests may modify it)."""
     return build_tiny_pipeline()
+
+
+@pytest.fixture()
+def prompt_files(tmp_path):
+    """Memorized prompts with (random) training images, and ordinary prompts."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / f"gt{i}.png")
+        rows.append({"prompt": f"the portrait of cat {i}", "image": f"gt{i}.png",
+                     "memorized": True})
+    memorized = tmp_path / "memorized.jsonl"
+    memorized.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ordinary = tmp_path / "ordinary.jsonl"
+    ordinary.write_text("\n".join(json.dumps({"prompt": p, "memorized": False})
+                                  for p in ("a red dog", "a blue cat", "photo of a dog")) + "\n")
+    return memorized, ordinary

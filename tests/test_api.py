@@ -7,7 +7,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors
 import safetensors.torch
@@ -32,26 +31,6 @@ def run(*args) -> str:
 def config() -> memedit.LocateConfig:
     return memedit.LocateConfig(k=FAST["k"], tau=FAST["tau"], sampling=memedit.SamplingConfig(
         steps=FAST["steps"], batch_size=FAST["batch_size"]))
-
-
-@pytest.fixture()
-def prompt_files(tmp_path):
-    """Memorized prompts with (random) training images, and ordinary prompts."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
-            tmp_path / f"gt{i}.png")
-        rows.append({"prompt": f"the portrait of cat {i}", "image": f"gt{i}.png",
-                     "memorized": True})
-    memorized = tmp_path / "memorized.jsonl"
-    memorized.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    ordinary = tmp_path / "ordinary.jsonl"
-    ordinary.write_text("\n".join(json.dumps({"prompt": p, "memorized": False})
-                                  for p in ("a red dog", "a blue cat", "photo of a dog")) + "\n")
-    return memorized, ordinary
 
 
 class ReadCounter:

@@ -26,26 +26,6 @@ FAST = SamplingConfig(steps=4, guidance_scale=7.5, batch_size=4)
 FAST_ARGS = ["--steps", "4", "--seeds", "1", "--detector-steps", "2", "--quiet"]
 
 
-@pytest.fixture()
-def prompt_files(tmp_path):
-    """Memorized prompts with (random) training images, and ordinary prompts."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
-            tmp_path / f"gt{i}.png")
-        rows.append({"prompt": f"the portrait of cat {i}", "image": f"gt{i}.png",
-                     "memorized": True})
-    memorized = tmp_path / "memorized.jsonl"
-    memorized.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    ordinary = tmp_path / "ordinary.jsonl"
-    ordinary.write_text("\n".join(json.dumps({"prompt": p, "memorized": False})
-                                  for p in ("a red dog", "a blue cat", "photo of a dog")) + "\n")
-    return memorized, ordinary
-
-
 def _invoke(command, args):
     result = CliRunner().invoke(command, args, catch_exceptions=True)
     return result

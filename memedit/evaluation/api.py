@@ -72,12 +72,37 @@ class SamplingOptions(GenerationOptions):
 
 
 @dataclass(frozen=True)
-class EvaluationOptions(SamplingOptions):
+class ScoringOptions(GenerationOptions):
+    """The options of the commands that score generations against training images
+    (``evaluate``, ``sweep``, ``attack``), and where they write."""
+
+    out: PathLike | None = None  # the report's folder
+    overwrite: bool = False
+    memorized: PathLike | None = None  # prompts with their training images
+    measure: str = "auto"
+    sscd: PathLike | None = None
+    threshold: Sequence[float] | None = None
+    gt_aggregate: str = "max"
+    grid_prompts: int = 4
+
+    def resolved_measure(self) -> str:
+        """``auto``: SSCD where its model is given, else MSE."""
+        if self.measure == "auto":
+            return "sscd" if self.sscd else "mse"
+        return self.measure
+
+    def scoring_settings(self, **more) -> EvalSettings:
+        return EvalSettings(
+            sampling=self.sampling(), seeds=self.seed_values(), measure=self.resolved_measure(),
+            thresholds=None if self.threshold is None else tuple(self.threshold),
+            gt_aggregate=self.gt_aggregate, grid_prompts=self.grid_prompts,
+            progress=not self.quiet, **more)
+
+
+@dataclass(frozen=True)
+class EvaluationOptions(SamplingOptions, ScoringOptions):
     """The options of ``evaluate`` and ``sweep`` (``memedit evaluate --help`` explains each)."""
 
-    out: PathLike | None = None  # folder for report.json, table.txt, grid.png, sweep.png
-    overwrite: bool = False
-    memorized: PathLike | None = None
     ordinary: PathLike | None = None
     locate_prompts: PathLike | None = None
     locate_fraction: float = 0.5
@@ -94,35 +119,16 @@ class EvaluationOptions(SamplingOptions):
     nemo_max: int = 10
     nemo_reference: PathLike | None = None
     ordinary_seeds: int = 1
-    measure: str = "auto"
-    sscd: PathLike | None = None
-    threshold: Sequence[float] | None = None
-    gt_aggregate: str = "max"
     clip: PathLike | None = None
-    grid_prompts: int = 4
     also: Sequence[PathLike] = ()
     attack_steps: int = 0
     attack_lr: float = 0.01
 
-    def resolved_measure(self) -> str:
-        if self.measure == "auto":
-            return "sscd" if self.sscd else "mse"
-        return self.measure
-
     def settings(self) -> EvalSettings:
-        return EvalSettings(
-            sampling=self.sampling(),
-            seeds=self.seed_values(),
+        return self.scoring_settings(
             ordinary_seeds=seed_range(self.ordinary_seeds, self.seed_start),
-            measure=self.resolved_measure(),
-            thresholds=None if self.threshold is None else tuple(self.threshold),
-            gt_aggregate=self.gt_aggregate,
             detector_steps=self.resolved_detector_steps(),
-            detector_scheduler=self.detector_scheduler,
-            grid_prompts=self.grid_prompts,
-            progress=not self.quiet,
-            attack=self.attack_config(),
-        )
+            detector_scheduler=self.detector_scheduler, attack=self.attack_config())
 
     def attack_config(self):
         """The attack column: the published attack on y, scored at its last step."""
@@ -160,12 +166,9 @@ class EvaluationOptions(SamplingOptions):
 
 
 @dataclass(frozen=True)
-class AttackOptions(GenerationOptions):
+class AttackOptions(ScoringOptions):
     """The options of ``attack`` (``memedit attack --help`` explains each)."""
 
-    out: PathLike | None = None  # folder for report.json, table.txt, curve.png, grid.png
-    overwrite: bool = False
-    memorized: PathLike | None = None
     control: PathLike | None = None
     start: str = "prompt"
     start_prompts: PathLike | None = None
@@ -176,11 +179,6 @@ class AttackOptions(GenerationOptions):
     attack_seed: int = 0
     prompt_batch: int = 1
     control_limit: float = 0.1
-    measure: str = "auto"
-    sscd: PathLike | None = None
-    threshold: Sequence[float] | None = None
-    gt_aggregate: str = "max"
-    grid_prompts: int = 4
 
 
 @dataclass
@@ -462,11 +460,7 @@ def attack(model: PathLike | None = None, **options) -> dict:
         lr=o.lr, steps=o.attack_steps, pairs=o.pairs,
         checkpoints=None if o.checkpoints is None else tuple(o.checkpoints), start=o.start,
         seed=o.attack_seed, prompt_batch=o.prompt_batch, control_limit=o.control_limit)
-    measure = o.measure if o.measure != "auto" else "sscd" if o.sscd else "mse"
-    settings = EvalSettings(
-        sampling=o.sampling(), seeds=o.seed_values(), measure=measure,
-        thresholds=None if o.threshold is None else tuple(o.threshold),
-        gt_aggregate=o.gt_aggregate, grid_prompts=o.grid_prompts, progress=not o.quiet)
+    settings = o.scoring_settings()
     origin = bake_source(model)
     embedded = is_embedded(model)
     if embedded:
