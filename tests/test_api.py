@@ -188,3 +188,24 @@ def test_evaluate_equals_the_command(tmp_path, tiny_model_dir, prompt_files):
                                                                   "random"]
     assert (tmp_path / "api" / "table.txt").read_text() == evaluation.table + "\n"
     assert (tmp_path / "cli" / "table.txt").read_text() == evaluation.table + "\n"
+
+
+def test_api_calls_refuse_what_the_commands_refuse(tmp_path, tiny_pipe):
+    """Careless calls get the commands' messages before any work (nothing is loaded)."""
+    cases = [
+        (lambda: memedit.sweep(out=tmp_path / "s"), "needs the k values"),
+        (lambda: memedit.evaluate("m", "b", k=(0.01,)), "--baseline has no role"),
+        (lambda: memedit.evaluate(k=(0.01,), also=["x"]), "Drop --also"),
+        (lambda: memedit.evaluate(k=()), "--k is empty"),
+        (lambda: memedit.evaluate(controls="random,bogus"), "Unknown control bogus"),
+        (lambda: memedit.detect(), "needs the candidate prompts"),
+        (lambda: memedit.locate_and_bake(tiny_pipe, tmp_path / "out",
+                                         memedit.PromptSet.from_prompts(["x"])),
+         "an in-memory pipeline has none"),
+    ]
+    for call, message in cases:
+        with pytest.raises(memedit.MemeditError, match=message):
+            call()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s").exists()
+    with pytest.raises(TypeError, match="nemo_modes"):  # a misspelt option is not ignored
+        memedit.evaluate(nemo_modes="faithful")
