@@ -179,14 +179,19 @@ def torch_references(pipe: DiffusionPipeline, inputs: ParityInputs = ParityInput
     cases = []
     # Every text encoder of the family (SDXL: two), each with its tokenizer, on the CFG batch
     # the pipeline runs: [prompt, ""], padded to the tokenizer's length. Output 0 is compared
-    # (the last hidden state, or SDXL's pooled projection for the second encoder).
+    # (the last hidden state, or SDXL's pooled projection for the second encoder), and the
+    # hidden state the UNet reads where it is another one (SDXL: the penultimate).
     for encoder_name, tokenizer_name in zip(family.text_encoders, family.tokenizers,
                                             strict=True):
         tokenizer = getattr(pipe, tokenizer_name)
         ids = tokenizer([inputs.prompt, ""], padding="max_length", truncation=True,
                         max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        text = getattr(pipe, encoder_name)(ids.to(device))[0]
-        cases.append(Case(encoder_name, {"input_ids": ids}, _numpy(text)))
+        outputs = getattr(pipe, encoder_name)(ids.to(device), output_hidden_states=True)
+        cases.append(Case(encoder_name, {"input_ids": ids}, _numpy(outputs[0])))
+        if family.text_hidden_state is not None:  # the state the family's UNet reads
+            state = outputs.hidden_states[family.text_hidden_state]
+            cases.append(Case(f"{encoder_name} {_state_name(family.text_hidden_state)}",
+                              {"input_ids": ids}, _numpy(state)))
 
     size = _latent_size(pipe)
     side = size * pipe.vae_scale_factor
@@ -225,12 +230,21 @@ def torch_references(pipe: DiffusionPipeline, inputs: ParityInputs = ParityInput
     return cases
 
 
+def _state_name(index: int) -> str:
+    return f"hidden_states[{index}]"
+
+
 def _run_ort(ort_pipe: ORTDiffusionPipeline, case: Case):
     """The same case through Optimum's ORT pipeline components (what users run)."""
     if case.image:
         return ort_pipe(latents=case.inputs["latents"], **case.call).images
     if case.name.startswith("text_encoder"):
-        return getattr(ort_pipe, case.name)(**case.inputs)[0]
+        encoder_name, _, state = case.name.partition(" ")
+        encoder = getattr(ort_pipe, encoder_name)
+        if not state:
+            return encoder(**case.inputs)[0]
+        index = int(state.removeprefix("hidden_states[").removesuffix("]"))
+        return encoder(**case.inputs, output_hidden_states=True).hidden_states[index]
     if case.name == "unet":
         # Inputs past the first three are the family's added conditioning (SDXL's
         # text_embeds and time_ids), which Optimum's UNet takes as added_cond_kwargs.

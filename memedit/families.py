@@ -50,6 +50,8 @@ class Family:
     besides sample, timestep and encoder_hidden_states (the keys of diffusers'
     ``added_cond_kwargs``, and the ONNX graph's input names): SDXL's ``text_time`` conditioning
     reads the last text encoder's pooled projection (``text_embeds``) and ``time_ids``.
+    ``text_hidden_state``: the encoder hidden state the UNet reads when it is not the last,
+    normed one (SDXL: the penultimate, -2); parity compares it too.
     ``onnx_graphs``: the folders Optimum writes, each with a ``model.onnx``; parity compares
     each of them (the VAE encoder only where exported) and the whole image.
     """
@@ -65,6 +67,7 @@ class Family:
     ort_pipeline_class: str
     unet_config: Mapping[str, object] = field(default_factory=dict)
     unet_extra_inputs: tuple[str, ...] = ()
+    text_hidden_state: int | None = None  # None: the last, normed state; SDXL: -2
 
     @property
     def pooled(self) -> bool:
@@ -118,7 +121,7 @@ register(Family(
              "text_mlp": ("text_encoder", "text_encoder_2")},
     onnx_graphs=("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"),
     ort_pipeline_class="ORTStableDiffusionXLPipeline",
-    unet_extra_inputs=("text_embeds", "time_ids"),
+    unet_extra_inputs=("text_embeds", "time_ids"), text_hidden_state=-2,
 ))
 
 

@@ -276,7 +276,11 @@ def test_family_end_to_end_through_the_cli(family_dir, prompt_files, tmp_path):
     assert verified["verdict"] == "PASSED"
     assert verified["audit"]["passed"] and verified["parity"]["passed"]
     compared = {c["name"] for c in verified["parity"]["comparisons"]}
-    assert set(family.text_encoders) | {"unet", "vae_decoder"} <= compared
+    expected = set(family.text_encoders) | {"unet", "vae_decoder"}
+    if family.text_hidden_state is not None:  # SDXL: the penultimate states the UNet reads
+        expected |= {f"{e} hidden_states[{family.text_hidden_state}]"
+                     for e in family.text_encoders}
+    assert expected <= compared
     assert all((onnx_dir / graph / "model.onnx").is_file() for graph in family.onnx_graphs)
     unet_graph = onnx.load(str(onnx_dir / "unet" / "model.onnx"), load_external_data=False)
     assert [i.name for i in unet_graph.graph.input] == [
