@@ -94,12 +94,13 @@ def register(family: Family) -> Family:
 
 _SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _SD_GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+_UNET_TARGETS = {kind: ("unet",) for kind in UNET_KINDS}
 
 register(Family(
     name="sd1", label="Stable Diffusion 1.x",
     pipeline_classes=("StableDiffusionPipeline",),
     components=_SD_COMPONENTS, text_encoders=("text_encoder",), tokenizers=("tokenizer",),
-    targets={**{kind: ("unet",) for kind in UNET_KINDS}, "text_mlp": ("text_encoder",)},
+    targets={**_UNET_TARGETS, "text_mlp": ("text_encoder",)},
     onnx_graphs=_SD_GRAPHS, ort_pipeline_class="ORTStableDiffusionPipeline",
     # SD 1.x's transformer blocks project in and out with 1x1 convolutions.
     unet_config={"use_linear_projection": False},
@@ -108,7 +109,7 @@ register(Family(
     name="sd2", label="Stable Diffusion 2.x (epsilon or v-prediction)",
     pipeline_classes=("StableDiffusionPipeline",),
     components=_SD_COMPONENTS, text_encoders=("text_encoder",), tokenizers=("tokenizer",),
-    targets={**{kind: ("unet",) for kind in UNET_KINDS}, "text_mlp": ("text_encoder",)},
+    targets={**_UNET_TARGETS, "text_mlp": ("text_encoder",)},
     onnx_graphs=_SD_GRAPHS, ort_pipeline_class="ORTStableDiffusionPipeline",
     unet_config={"use_linear_projection": True},
 ))
@@ -117,8 +118,7 @@ register(Family(
     pipeline_classes=("StableDiffusionXLPipeline",),
     components=(*_SD_COMPONENTS, "text_encoder_2", "tokenizer_2"),
     text_encoders=("text_encoder", "text_encoder_2"), tokenizers=("tokenizer", "tokenizer_2"),
-    targets={**{kind: ("unet",) for kind in UNET_KINDS},
-             "text_mlp": ("text_encoder", "text_encoder_2")},
+    targets={**_UNET_TARGETS, "text_mlp": ("text_encoder", "text_encoder_2")},
     onnx_graphs=("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"),
     ort_pipeline_class="ORTStableDiffusionXLPipeline",
     unet_extra_inputs=("text_embeds", "time_ids"), text_hidden_state=-2,
