@@ -151,15 +151,29 @@ def _numpy2_num_heads() -> Iterator[None]:
         FusionAttentionUnet.get_num_heads = original
 
 
+def _tensor_bytes(model) -> int:
+    """Bytes of the graph's initializers, counted without serializing it (protobuf cannot
+    serialize a message past 2 GB, which is what ``ByteSize`` would try)."""
+    import onnx
+
+    total = 0
+    for tensor in model.model.graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return total
+
+
 def _save(model, path: Path) -> None:
-    """Write ``model`` over ``path``: one external-data file when past protobuf's limit
-    (the old one removed first, so no stale weights stay in the folder)."""
-    for old in path.parent.glob(path.name + "*"):
-        if old != path:
-            old.unlink()
-    large = model.model.ByteSize() > PROTOBUF_LIMIT
-    model.save_model_to_file(str(path), use_external_data_format=large,
+    """Write ``model`` (fully in memory) over ``path``: one external-data file past
+    protobuf's limit. The old graph's external data goes only once the new one is written,
+    so no stale weights stay in the folder and a failed write loses nothing."""
+    large = _tensor_bytes(model) > PROTOBUF_LIMIT
+    staged = path.with_name("staged-" + path.name)
+    model.save_model_to_file(str(staged), use_external_data_format=large,
                              all_tensors_to_one_file=True)
+    for old in path.parent.glob(path.name + "*"):
+        old.unlink()
+    staged.rename(path)  # its external data keeps the name it was written with
 
 
 def optimize_component(path: Path, component: str, settings: ComponentSettings

@@ -32,20 +32,22 @@ def quantize_component(path: Path) -> float:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     start = time.perf_counter()
-    source = path.with_name("fp32-" + path.name)
-    path.rename(source)
-    for old in path.parent.glob(path.name + "*"):  # stale external data of the fp32 graph
-        old.rename(old.with_name("fp32-" + old.name))
-    large = sum(f.stat().st_size for f in path.parent.iterdir()) > 2**31 - 2**20
+    output = path.with_name("model.int8.onnx")
+    fp32_bytes = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
     try:
-        quantize_dynamic(source, path, weight_type=QuantType.QInt8, per_channel=False,
-                         op_types_to_quantize=["MatMul"], use_external_data_format=large,
+        # The fp32 graph's external data (if any) keeps its name until the int8 graph
+        # replaces it. Convolutions stay fp32, so an int8 UNet from a graph past 2 GB can
+        # still be past 2 GB: it is written with external data too.
+        quantize_dynamic(path, output, weight_type=QuantType.QInt8, per_channel=False,
+                         op_types_to_quantize=["MatMul"],
+                         use_external_data_format=fp32_bytes > 2**31 - 2**20,
                          extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True})
     except (ValueError, RuntimeError, onnx.checker.ValidationError) as err:
         raise MemeditError(f"ONNX Runtime's quantizer failed on {path.parent.name} ({err}).",
                            "Export without --quantize, or report the model.") from err
-    for old in path.parent.glob("fp32-*"):
+    for old in path.parent.glob(path.name + "*"):  # model.onnx and its fp32 external data
         old.unlink()
+    output.rename(path)
     return time.perf_counter() - start
 
 

@@ -51,10 +51,10 @@ def _masks(pipe, suffixes: tuple[str, ...], fraction: float = 0.05) -> dict[str,
     return masks
 
 
-def _sanitized(folder, masks_of) -> object:
-    """A tiny model zeroed with ``masks_of(pipe)``, its subspace (with the manifest's hashes)
-    in memedit/, as `memedit bake` writes it."""
-    pipe = build_tiny_pipeline()
+def _sanitized(folder, masks_of, pipe=None) -> object:
+    """A model (default: the tiny one) zeroed with ``masks_of(pipe)``, its subspace (with the
+    manifest's hashes) in memedit/, as `memedit bake` writes it."""
+    pipe = pipe or build_tiny_pipeline()
     masks = masks_of(pipe)
     subspace = Subspace(masks, {"format": "memedit-subspace", "format_version": 1})
     params = pipeline_params(pipe, masks)
@@ -285,3 +285,21 @@ def generate_with(pipe, prompts, config):
     from memedit.sampling import generate_images
 
     return generate_images(pipe, prompts, list(range(len(prompts))), config)
+
+
+@pytest.mark.slow
+def test_embedded_model_fp16_and_fused_exports_pass_audit_and_parity(tmp_path):
+    from memedit.loading import load_pipeline
+    from memedit.testbed import model_path
+
+    pipe, _ = load_pipeline(model_path(), "cpu", "float32")
+    model = _sanitized(tmp_path / "model", lambda p: _masks(p, TARGETS), pipe)
+    sizes = {}
+    for name, options in (("fp32", ExportOptions(optimum_validation=False)),
+                          ("fp16", ExportOptions(optimum_validation=False, dtype="fp16")),
+                          ("fused", ExportOptions(optimum_validation=False, optimize="basic"))):
+        report = export_onnx(model, tmp_path / name, options, inputs=FAST, threads=1)
+        assert report.verdict == "PASSED", report.table()
+        assert len(report.audit.results) > 0 and report.parity.passed
+        sizes[name] = _size(tmp_path / name)
+    assert 0.45 <= sizes["fp16"] / sizes["fp32"] <= 0.6

@@ -79,6 +79,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--pipeline", action="store_true",
                         help="instead: a whole SD 1.x pipeline through `memedit export`")
+    parser.add_argument("--variants", default="fp32:none",
+                        help="with --pipeline: comma-separated DTYPE:OPTIMIZE exports of the "
+                             "same model, e.g. fp32:none,fp16:none,fp32:basic")
     parser.add_argument("--steps", type=int, default=2,
                         help="denoising steps of the whole-image parity run (--pipeline)")
     args = parser.parse_args()
@@ -94,17 +97,39 @@ def main() -> None:
         shutil.rmtree(args.out)
 
 
+def export_unet_alone(unet, folder: Path) -> tuple[Path, int]:
+    """Export a UNet by itself with Optimum's per-model path into ``folder``/model.onnx (plus
+    external data past 2 GB) and its config; returns the path and the opset used."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the UNet config)
+    import torch
+    from optimum.exporters.onnx.convert import export
+    from optimum.exporters.tasks import TasksManager
+    from optimum.exporters.utils import _get_diffusers_submodel_type
+
+    # The attributes Optimum's text-to-image path sets on the UNet config before export
+    # (optimum.exporters.utils._get_submodels_for_export_diffusion), for a UNet alone.
+    unet.config.requires_aesthetics_score = False
+    unet.config.time_cond_proj_dim = None
+    unet.config.text_encoder_projection_dim = unet.config.cross_attention_dim
+    unet.config.export_model_type = _get_diffusers_submodel_type(unet)
+    constructor = TasksManager.get_exporter_config_constructor(
+        model=unet, exporter="onnx", library_name="diffusers", task="semantic-segmentation")
+    config = constructor(unet.config, int_dtype="int64", float_dtype="fp32")
+    folder.mkdir(parents=True, exist_ok=True)
+    model_path = folder / "model.onnx"
+    with torch.no_grad():
+        export(unet, config, model_path, opset=config.DEFAULT_ONNX_OPSET)
+    unet.save_config(folder)
+    return model_path, config.DEFAULT_ONNX_OPSET
+
+
 def run_unet(args: argparse.Namespace, monitor: RssMonitor) -> dict:
     """The UNet alone, through Optimum's per-model export."""
     import numpy as np
     import onnx
     import onnxruntime as ort
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the UNet config)
     import torch
     from diffusers import UNet2DConditionModel
-    from optimum.exporters.onnx.convert import export
-    from optimum.exporters.tasks import TasksManager
-    from optimum.exporters.utils import _get_diffusers_submodel_type
 
     from memedit.export.audit import audit_onnx_file
     from memedit.export.onnx import onnx_files
@@ -113,7 +138,6 @@ def run_unet(args: argparse.Namespace, monitor: RssMonitor) -> dict:
     figures: dict = {"threads": args.threads}
     if args.out.exists():
         shutil.rmtree(args.out)
-    (args.out / "unet").mkdir(parents=True)
 
     t = time.perf_counter()
     torch.manual_seed(0)
@@ -142,20 +166,7 @@ def run_unet(args: argparse.Namespace, monitor: RssMonitor) -> dict:
     print(json.dumps(figures), flush=True)
 
     t = time.perf_counter()
-    # The attributes Optimum's text-to-image path sets on the UNet config before export
-    # (optimum.exporters.utils._get_submodels_for_export_diffusion), for a UNet alone.
-    unet.config.requires_aesthetics_score = False
-    unet.config.time_cond_proj_dim = None
-    unet.config.text_encoder_projection_dim = 768  # SD 1.x CLIP ViT-L/14
-    unet.config.export_model_type = _get_diffusers_submodel_type(unet)
-    constructor = TasksManager.get_exporter_config_constructor(
-        model=unet, exporter="onnx", library_name="diffusers", task="semantic-segmentation")
-    config = constructor(unet.config, int_dtype="int64", float_dtype="fp32")
-    model_path = args.out / "unet" / "model.onnx"
-    with torch.no_grad():
-        export(unet, config, model_path, opset=config.DEFAULT_ONNX_OPSET)
-    unet.save_config(args.out / "unet")
-    figures["opset"] = config.DEFAULT_ONNX_OPSET
+    model_path, figures["opset"] = export_unet_alone(unet, args.out / "unet")
     figures["export_seconds"] = round(time.perf_counter() - t, 1)
     figures["export_peak_rss_gb"] = monitor.phase()
     figures["files_mb"] = {k: round(v / 2**20, 1) for k, v in onnx_files(args.out).items()}
@@ -216,8 +227,11 @@ def run_pipeline(args: argparse.Namespace, monitor: RssMonitor) -> dict:
 
     pipe = build_sd1_shaped_pipeline()
     gen = torch.Generator().manual_seed(1)
+    # FFN outputs, and the attention weights ONNX Runtime's fusions pack (Q with K/V in
+    # self-attention, K with V in cross-attention).
+    targets = ("ff.net.2.weight", "attn1.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight")
     masks = {f"unet/{name}": torch.rand(param.shape, generator=gen) < args.fraction
-             for name, param in pipe.unet.named_parameters() if name.endswith("ff.net.2.weight")}
+             for name, param in pipe.unet.named_parameters() if name.endswith(targets)}
     subspace = Subspace(masks, {"format": "memedit-subspace", "format_version": 1})
     apply_subspace(pipe, subspace)  # what `memedit bake` writes, without the locate step
     model_dir = args.out / "model"
@@ -230,16 +244,27 @@ def run_pipeline(args: argparse.Namespace, monitor: RssMonitor) -> dict:
     figures["build_peak_rss_gb"] = monitor.phase()
     print(json.dumps(figures), flush=True)
 
-    t = time.perf_counter()
-    try:
-        report = export_onnx(model_dir, args.out / "onnx", ExportOptions(optimum_validation=False),
-                             inputs=ParityInputs(steps=args.steps), threads=args.threads)
-    except VerificationFailed as failure:
-        report = failure.report
-    figures["export_onnx_total_seconds"] = round(time.perf_counter() - t, 1)
-    figures["export_onnx_peak_rss_gb"] = monitor.phase()
-    print(report.table(), flush=True)
-    figures["report"] = report.to_dict()
+    figures["variants"] = {}
+    for variant in args.variants.split(","):
+        dtype, optimize = variant.split(":")
+        out = args.out / f"onnx-{dtype}-{optimize}"
+        t = time.perf_counter()
+        try:
+            report = export_onnx(model_dir, out, ExportOptions(
+                optimum_validation=False, dtype=dtype, optimize=optimize),
+                inputs=ParityInputs(steps=args.steps), threads=args.threads)
+        except VerificationFailed as failure:
+            report = failure.report
+        row = {"export_onnx_total_seconds": round(time.perf_counter() - t, 1),
+               "export_onnx_peak_rss_gb": monitor.phase(), "verdict": report.verdict,
+               "folder_gb": round(sum(p.stat().st_size for p in out.rglob("*")
+                                      if p.is_file()) / GB, 2) if out.exists() else None,
+               "report": report.to_dict()}
+        figures["variants"][variant] = row
+        print(report.table(), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
     return figures
 
 
