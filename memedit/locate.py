@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from memedit import distributed
 from memedit.artifacts import EMBEDDED_SPEC, FORMAT, FORMAT_VERSION, VERSION
 from memedit.errors import MemeditError
+from memedit.families import pipeline_conditioning
 from memedit.hooks import ActivationRecorder, StopDenoising
 from memedit.loading import ModelSource
 from memedit.outputs import Inputs, atomic_output_dir, check_output, hold_output, input_paths
@@ -132,8 +133,9 @@ def record_statistics(pipe, prompts: PromptSet, config: LocateConfig,
 def record_embedding_statistics(pipe, embeds: torch.Tensor, name: str, config: LocateConfig,
                                 source: ModelSource | None = None,
                                 progress: bool = True) -> ActivationStats:
-    """The same recording, driven by text conditionings ``y [N, 77, d]`` instead of prompts
-    (what an embedding attack optimizes). The text encoder does not run, so the targets must
+    """The same recording, driven by text conditionings ``y [N, T, d]`` instead of prompts
+    (what an embedding attack optimizes; ``memedit.families`` says what ``y`` holds for each
+    family). The text encoder does not run, so the targets must
     be UNet layers; the unconditional half is the empty prompt's, as in generation."""
     layers = find_target_layers(pipe, config.targets)
     if any(layer.component != "unet" for layer, _ in layers):
@@ -144,8 +146,7 @@ def record_embedding_statistics(pipe, embeds: torch.Tensor, name: str, config: L
 
     def run(batch: list[torch.Tensor]) -> None:
         run_pipeline(pipe, None, [config.sampling.seed] * len(batch), config.sampling,
-                     output_type="latent",
-                     prompt_embeds=torch.stack(batch).to(pipe.device, pipe.unet.dtype))
+                     output_type="latent", **pipeline_conditioning(pipe, torch.stack(batch)))
 
     return _record(pipe, list(embeds), run, name, digest, config, source, progress)
 
