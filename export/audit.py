@@ -33,6 +33,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from memedit.errors import MemeditError
+from memedit.subspace import parameter
 from memedit.weights import split_key
 
 from .quantize import QUANTIZED_SUFFIX, SCALE_SUFFIX, ZERO_POINT_SUFFIX
@@ -354,16 +355,7 @@ def _audit_param(key: str, label: str, w: np.ndarray, m: np.ndarray,
 
 def pipeline_params(pipe: DiffusionPipeline, keys: Iterable[str]) -> dict[str, torch.Tensor]:
     """The PyTorch tensors named ``component/parameter`` in a loaded pipeline."""
-    params = {}
-    for key in keys:
-        component, name = split_key(key)
-        module = getattr(pipe, component, None)
-        try:
-            params[key] = module.get_parameter(name)
-        except AttributeError:
-            raise MemeditError(f"The pipeline has no parameter {key}.",
-                               "This subspace was located on a model of another layout.") from None
-    return params
+    return {key: parameter(pipe, key) for key in keys}
 
 
 def audit_export(masks: Mapping[str, torch.Tensor], pipe: DiffusionPipeline, onnx_dir: str | Path,
