@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+import torch
 
 from memedit.errors import MemeditError
 from memedit.evaluation.attack import AttackConfig, attack_group, frozen, prompt_embeddings
@@ -195,8 +196,11 @@ def utility_values(pipe, masks, ordinary: PromptSet, settings: EvalSettings,
 def calibrate(pipe, memorized: ActivationStats, reference: ActivationStats,
               validation: PromptSet, ordinary: PromptSet, config: LocateConfig,
               calibration: CalibrationConfig, source=None, clip: CLIPScorer | None = None,
-              progress: bool = True) -> tuple[Subspace, Calibration]:
+              progress: bool = True,
+              stored: dict[str, torch.Tensor] | None = None) -> tuple[Subspace, Calibration]:
     """The subspace at the smallest k of the grid that meets the target within the budget.
+    ``stored``: the targeted weights as :func:`memedit.locate.stored_weights` read them, where
+    the caller has them (else each k's selection reads them).
 
     Raises MemeditError, with the measured curve in the message, when no k does.
     """
@@ -227,7 +231,7 @@ def calibrate(pipe, memorized: ActivationStats, reference: ActivationStats,
     chosen = None
     for k in tqdm(calibration.ks, desc="calibrating k", unit="k", disable=not progress):
         subspace = select_subspace(pipe, memorized, reference, replace(config, k=k), source,
-                                   allow_empty=True)
+                                   allow_empty=True, stored=stored)
         point = CalibrationPoint(k, subspace.num_selected,
                                  *copy_rates(pipe, subspace.masks, validation, settings, scorer,
                                              calibration.threshold, calibration.attack))

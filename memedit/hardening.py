@@ -38,13 +38,16 @@ from memedit.evaluation.harness import masks_applied
 from memedit.locate import (
     LocateConfig,
     build_manifest,
+    fingerprint,
     record_embedding_statistics,
     select_subspace,
+    stored_weights,
 )
 from memedit.prompts import PromptSet
 from memedit.sampling import batches
 from memedit.statistics import ActivationStats
 from memedit.subspace import Subspace
+from memedit.targets import find_target_layers
 
 
 def _hardening_attack() -> AttackConfig:
@@ -71,7 +74,7 @@ class HardenConfig:
 
 def harden(pipe, memorized: PromptSet, stats_mem: ActivationStats, stats_ref: ActivationStats,
            config: LocateConfig, hardening: HardenConfig | None = None, source=None,
-           progress: bool = True) -> Subspace:
+           progress: bool = True, stored: dict[str, torch.Tensor] | None = None) -> Subspace:
     """The subspace of ``config`` on ``stats_mem``/``stats_ref``, grown over
     ``hardening.rounds`` rounds by the weights the embedding attack's triggers lean on.
 
@@ -79,7 +82,10 @@ def harden(pipe, memorized: PromptSet, stats_mem: ActivationStats, stats_ref: Ac
     """
     hardening = hardening or HardenConfig()
     check_targets(memorized)
-    masks = select_subspace(pipe, stats_mem, stats_ref, config, source).masks
+    if stored is None:  # read once: every round's selection and the manifest hash them
+        stored = stored_weights(pipe, source, [layer.key for layer, _ in
+                                               find_target_layers(pipe, config.targets)])
+    masks = select_subspace(pipe, stats_mem, stats_ref, config, source, stored=stored).masks
     y_prompt = prompt_embeddings(pipe, memorized.prompts)
     z0 = target_latents(pipe, memorized, config.sampling)
     rounds = []
@@ -98,16 +104,17 @@ def harden(pipe, memorized: PromptSet, stats_mem: ActivationStats, stats_ref: Ac
         # Recorded on the original weights, as the located statistics are: they add up, and
         # the Wanda scores weigh the original |W| by them.
         stats_attack = record_embedding_statistics(
-            pipe, torch.cat(triggers), f"attack-round-{number}", config, source, progress=False)
+            pipe, torch.cat(triggers), f"attack-round-{number}", config, source, progress=False,
+            model_hash=fingerprint(stored))
         stats_mem = stats_mem.merge(stats_attack)
-        grown = select_subspace(pipe, stats_mem, stats_ref, config, source).masks
+        grown = select_subspace(pipe, stats_mem, stats_ref, config, source, stored=stored).masks
         before = sum(int(m.sum()) for m in masks.values())
         masks = {key: masks[key] | grown[key] for key in masks}
         after = sum(int(m.sum()) for m in masks.values())
         rounds.append({"round": number, "loss_start": float(losses[:, 0].mean()),
                        "loss_end": float(losses[:, -1].mean()), "zeroed_before": before,
                        "zeroed_after": after})
-    manifest = build_manifest(pipe, source, masks, config, stats_mem, stats_ref)
+    manifest = build_manifest(pipe, source, masks, config, stats_mem, stats_ref, stored)
     manifest["hardening"] = hardening.describe() | {
         "prompts": {"name": memorized.name, "count": len(memorized),
                     "sha256": memorized.sha256},

@@ -131,8 +131,8 @@ def record_statistics(pipe, prompts: PromptSet, config: LocateConfig,
 
 
 def record_embedding_statistics(pipe, embeds: torch.Tensor, name: str, config: LocateConfig,
-                                source: ModelSource | None = None,
-                                progress: bool = True) -> ActivationStats:
+                                source: ModelSource | None = None, progress: bool = True,
+                                model_hash: str | None = None) -> ActivationStats:
     """The same recording, driven by text conditionings ``y [N, T, d]`` instead of prompts
     (what an embedding attack optimizes; ``memedit.families`` says what ``y`` holds for each
     family). The text encoder does not run, so the targets must
@@ -148,7 +148,8 @@ def record_embedding_statistics(pipe, embeds: torch.Tensor, name: str, config: L
         run_pipeline(pipe, None, [config.sampling.seed] * len(batch), config.sampling,
                      output_type="latent", **pipeline_conditioning(pipe, torch.stack(batch)))
 
-    return _record(pipe, list(embeds), run, name, digest, config, source, progress)
+    return _record(pipe, list(embeds), run, name, digest, config, source, progress,
+                   model_hash)
 
 
 def _record(pipe, items: list, run, name: str, sha256: str, config: LocateConfig,
@@ -397,7 +398,8 @@ def locate(pipe, memorized: PromptSet | None = None, reference: PromptSet | None
             stats_mem.save(folder / "memorized.stats.safetensors")
             stats_ref.save(folder / "reference.stats.safetensors")
     if hardening is not None:
-        return harden(pipe, memorized, stats_mem, stats_ref, config, hardening, source, progress)
+        return harden(pipe, memorized, stats_mem, stats_ref, config, hardening, source, progress,
+                      stored)
     if validation is None:
         return select_subspace(pipe, stats_mem, stats_ref, config, source, allow_empty, stored)
     if ordinary is None:
@@ -405,7 +407,7 @@ def locate(pipe, memorized: PromptSet | None = None, reference: PromptSet | None
             "--target-rate measures the edit's cost on ordinary prompts.",
             "Pass --ordinary FILE (and --clip FOLDER for the CLIP score)."))
     return calibrate(pipe, stats_mem, stats_ref, validation, ordinary, config, target, source,
-                     clip, progress)[0]
+                     clip, progress, stored)[0]
 
 
 def _protected(source: ModelSource | None, memorized_stats: Stats | None,

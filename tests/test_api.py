@@ -209,3 +209,21 @@ def test_api_calls_refuse_what_the_commands_refuse(tmp_path, tiny_pipe):
     assert not (tmp_path / "out").exists() and not (tmp_path / "s").exists()
     with pytest.raises(TypeError, match="nemo_modes"):  # a misspelt option is not ignored
         memedit.evaluate(nemo_modes="faithful")
+
+
+def test_hardened_locate_reads_the_targeted_weights_once(monkeypatch, tiny_model_dir):
+    """Every hardening round selects again and records the attack's statistics: all of them
+    share locate's one read (and its fingerprint)."""
+    from memedit.evaluation.attack import AttackConfig
+    from memedit.hardening import HardenConfig
+    from memedit.testbed import prompt_file
+
+    pipe, source = memedit.load_pipeline(tiny_model_dir, "cpu", "float32")
+    memorized = memedit.read_prompts(prompt_file("memorized_locate")).subset(range(2), "mem2")
+    hardening = HardenConfig(rounds=2, attack=AttackConfig(lr=0.05, steps=2, pairs=2,
+                                                           checkpoints=()))
+    counter = ReadCounter(monkeypatch)
+    hardened = memedit.locate(pipe, memorized, config=config(), source=source,
+                              hardening=hardening, progress=False)
+    assert [r["round"] for r in hardened.manifest["hardening"]["rounds_run"]] == [1, 2]
+    assert counter.per_tensor(hardened.masks) == Counter({key: 1 for key in hardened.masks})
