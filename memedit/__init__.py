@@ -11,7 +11,7 @@ Located and Deleted", 2024).
 from memedit.artifacts import VERSION as __version__
 from memedit.baking import BakeResult, bake
 from memedit.calibration import CalibrationConfig, calibrate
-from memedit.compare import compare_subspaces
+from memedit.compare import compare, compare_subspaces
 from memedit.errors import MemeditError
 from memedit.evaluation.api import EvaluationReport, attack, detect, evaluate, sweep
 from memedit.evaluation.attack import AttackConfig
@@ -46,6 +46,7 @@ __all__ = [
     "attack",
     "bake",
     "calibrate",
+    "compare",
     "compare_subspaces",
     "detect",
     "empty_reference",

@@ -510,10 +510,9 @@ def inspect_command(path: Path, original: str | None, independent: Path | None,
 @click.option("--json", "as_json", is_flag=True)
 def compare_command(first: Path, second: Path, as_json: bool) -> None:
     """Per-layer IoU of two subspaces (do different memorized sets find the same weights?)."""
-    from memedit.compare import compare_subspaces
-    from memedit.subspace import Subspace
+    from memedit.compare import compare
 
-    rows, total = compare_subspaces(Subspace.load(first), Subspace.load(second))
+    rows, total = compare(first, second)
     data = {"layers": [{"tensor": r.key, "a": r.selected_a, "b": r.selected_b,
                         "intersection": r.intersection, "iou": r.iou} for r in rows],
             "total": {"a": total.selected_a, "b": total.selected_b,

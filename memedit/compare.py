@@ -3,6 +3,7 @@ prompts find the same weights (IoU 0.23-0.80), unlike unrelated concepts (<= 0.1
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from memedit.errors import MemeditError
@@ -42,3 +43,14 @@ def compare_subspaces(a: Subspace, b: Subspace) -> tuple[list[Overlap], Overlap]
     total = Overlap("all layers", sum(r.selected_a for r in rows), sum(r.selected_b for r in rows),
                     sum(r.intersection for r in rows), sum(r.union for r in rows))
     return rows, total
+
+
+def compare(first: Subspace | str | os.PathLike,
+            second: Subspace | str | os.PathLike) -> tuple[list[Overlap], Overlap]:
+    """What ``memedit compare`` reports: :func:`compare_subspaces` of two subspaces or the
+    folders (subspaces or sanitized models) holding them."""
+    def load(subspace):
+        return subspace if isinstance(subspace, Subspace) else Subspace.load(subspace)
+
+    return compare_subspaces(load(first), load(second))
+
