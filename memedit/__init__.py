@@ -19,7 +19,6 @@ from memedit.inspection import inspect, verify_sanitized
 from memedit.loading import load_pipeline, resolve_model
 from memedit.locate import (
     LocateConfig,
-    load_stats,
     locate,
     locate_and_bake,
     record_statistics,
@@ -53,7 +52,6 @@ __all__ = [
     "evaluate",
     "inspect",
     "load_pipeline",
-    "load_stats",
     "locate",
     "locate_and_bake",
     "merge_stats",

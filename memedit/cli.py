@@ -532,12 +532,9 @@ def compare_command(first: Path, second: Path, as_json: bool) -> None:
 def merge_stats_command(files: tuple[Path, ...], out: Path, overwrite: bool,
                         as_json: bool) -> None:
     """Merge statistics saved by `locate --save-stats` (runs over other prompts or machines)."""
-    from memedit.outputs import check_output
-    from memedit.statistics import ActivationStats, merge_stats
+    from memedit.statistics import merge_stats
 
-    check_output(out, overwrite, files, kind="file")
-    merged = merge_stats([ActivationStats.load(p) for p in files])
-    merged.save(out, overwrite=overwrite, inputs=files)
+    merged = merge_stats(files, out, overwrite)
     data = {"merged": str(out), "files": [str(p) for p in files],
             "num_prompts": merged.num_prompts, "prompt_sets": merged.prompt_sets}
     emit(data, as_json, lambda d: f"{len(files)} files, {d['num_prompts']} prompts -> {out}")

@@ -25,7 +25,7 @@ from memedit.outputs import Inputs, atomic_output_dir, check_output, hold_output
 from memedit.prompts import PromptSet, empty_reference, read_prompts
 from memedit.sampling import SamplingConfig, batches, run_pipeline
 from memedit.selection import GRANULARITIES, select_layer
-from memedit.statistics import ActivationStats, merge_stats
+from memedit.statistics import ActivationStats, StatsInput, merge_stats, stats_files
 from memedit.subspace import Subspace, model_identity, parameter
 from memedit.targets import TARGET_KINDS, TargetLayer, find_target_layers, parse_target_kinds
 from memedit.weights import read_tensors, tensor_sha256, zero_masked
@@ -292,26 +292,7 @@ def build_manifest(pipe, source: ModelSource | None, masks: dict[str, torch.Tens
     }
 
 
-StatsInput = ActivationStats | str | os.PathLike
 Stats = StatsInput | Sequence[StatsInput]
-
-
-def load_stats(stats: Stats) -> ActivationStats:
-    """Saved statistics (a file ``locate --save-stats`` wrote, or loaded statistics), several
-    merged into one."""
-    items = [stats] if isinstance(stats, ActivationStats | str | os.PathLike) else list(stats)
-    if not items:
-        raise MemeditError("No statistics were given.", "Pass at least one statistics file.")
-    loaded = [item if isinstance(item, ActivationStats) else ActivationStats.load(item)
-              for item in items]
-    return loaded[0] if len(loaded) == 1 else merge_stats(loaded)
-
-
-def _stats_paths(stats: Stats | None) -> list:
-    if stats is None:
-        return []
-    items = [stats] if isinstance(stats, ActivationStats | str | os.PathLike) else list(stats)
-    return [item for item in items if not isinstance(item, ActivationStats)]
 
 
 def _embedded_prompts(source: ModelSource | None, file: str, name: str,
@@ -387,9 +368,9 @@ def locate(pipe, memorized: PromptSet | None = None, reference: PromptSet | None
     layers = find_target_layers(pipe, config.targets)
     stored = stored_weights(pipe, source, [layer.key for layer, _ in layers])
     model_hash = fingerprint(stored)
-    stats_mem = (load_stats(memorized_stats) if memorized_stats is not None
+    stats_mem = (merge_stats(memorized_stats) if memorized_stats is not None
                  else record_statistics(pipe, memorized, config, source, progress, model_hash))
-    stats_ref = (load_stats(reference_stats) if reference_stats is not None
+    stats_ref = (merge_stats(reference_stats) if reference_stats is not None
                  else record_statistics(pipe, reference, config, source, progress, model_hash))
     if save_stats is not None:
         with atomic_output_dir(save_stats, overwrite,
@@ -413,8 +394,8 @@ def locate(pipe, memorized: PromptSet | None = None, reference: PromptSet | None
 def _protected(source: ModelSource | None, memorized_stats: Stats | None,
                reference_stats: Stats | None, inputs: Inputs) -> list:
     """What a saved-statistics folder may not be, hold or lie in."""
-    return [source.path if source is not None else None, *_stats_paths(memorized_stats),
-            *_stats_paths(reference_stats), *input_paths(inputs)]
+    return [source.path if source is not None else None, *stats_files(memorized_stats),
+            *stats_files(reference_stats), *input_paths(inputs)]
 
 
 def locate_and_bake(pipe, out: str | os.PathLike, memorized: PromptSet | None = None,
@@ -435,8 +416,8 @@ def locate_and_bake(pipe, out: str | os.PathLike, memorized: PromptSet | None = 
         raise MemeditError("locate-and-bake writes the model's files, and an in-memory "
                            "pipeline has none.",
                            "Load the pipeline with memedit.load_pipeline and pass its source.")
-    protected = [source.path, *_stats_paths(options.get("memorized_stats")),
-                 *_stats_paths(options.get("reference_stats")), *input_paths(inputs)]
+    protected = [source.path, *stats_files(options.get("memorized_stats")),
+                 *stats_files(options.get("reference_stats")), *input_paths(inputs)]
     with contextlib.ExitStack() as stack:
         stack.enter_context(hold_output(out, overwrite, protected))
         if options.get("save_stats") is not None:

@@ -5,6 +5,7 @@ machines) merge by addition; they are saved as safetensors with their settings."
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from memedit.errors import MemeditError
-from memedit.outputs import Inputs, atomic_write_bytes
+from memedit.outputs import Inputs, atomic_write_bytes, check_output, input_paths
 
 FORMAT = "memedit-activation-stats"
 
@@ -103,11 +104,33 @@ class ActivationStats:
                    json.loads(metadata["prompt_sets"]))
 
 
-def merge_stats(stats: Sequence[ActivationStats]) -> ActivationStats:
-    """Merge any number of statistics files of the same model and settings."""
-    if not stats:
-        raise ValueError("nothing to merge")
-    merged = stats[0]
-    for other in stats[1:]:
+StatsInput = ActivationStats | str | os.PathLike
+
+
+def stats_files(stats: StatsInput | Sequence[StatsInput] | None) -> list[str | os.PathLike]:
+    """The files among ``stats`` (the rest are loaded statistics)."""
+    if stats is None:
+        return []
+    items = [stats] if isinstance(stats, ActivationStats | str | os.PathLike) else list(stats)
+    return [item for item in items if not isinstance(item, ActivationStats)]
+
+
+def merge_stats(stats: StatsInput | Sequence[StatsInput], out: str | os.PathLike | None = None,
+                overwrite: bool = False, inputs: Inputs = None) -> ActivationStats:
+    """Merge statistics of the same model and settings (loaded ones, or files ``locate
+    --save-stats`` wrote), as ``memedit merge-stats`` does; with ``out``, the merged file is
+    written there under the output policy (``inputs``: further paths it must spare)."""
+    items = [stats] if isinstance(stats, ActivationStats | str | os.PathLike) else list(stats)
+    if not items:
+        raise MemeditError("No statistics were given.", "Pass at least one statistics file.")
+    protected = [*stats_files(items), *input_paths(inputs)]
+    if out is not None:
+        check_output(out, overwrite, protected, kind="file")  # before reading them
+    loaded = [item if isinstance(item, ActivationStats) else ActivationStats.load(item)
+              for item in items]
+    merged = loaded[0]
+    for other in loaded[1:]:
         merged = merged.merge(other)
+    if out is not None:
+        merged.save(out, overwrite, protected)
     return merged
