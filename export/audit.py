@@ -74,7 +74,8 @@ def onnx_file_for(key: str) -> str:
     return COMPONENT_FILES[component]
 
 
-FP16_SMALLEST = 5.96e-8  # ORT's fp16 converter raises smaller non-zero magnitudes to this
+FP16_SMALLEST = 2.0**-24  # fp16's smallest subnormal: ORT's converter raises smaller non-zero
+# magnitudes to it (numpy's cast may round them to 0), so a match allows that much
 
 
 def _raw(tensor: onnx.TensorProto, base_dir: Path, numel: int) -> np.ndarray:

@@ -303,3 +303,30 @@ def test_embedded_model_fp16_and_fused_exports_pass_audit_and_parity(tmp_path):
         assert len(report.audit.results) > 0 and report.parity.passed
         sizes[name] = _size(tmp_path / name)
     assert 0.45 <= sizes["fp16"] / sizes["fp32"] <= 0.6
+
+
+def test_fp16_audit_allows_the_converters_raise_of_tiny_weights(tmp_path):
+    # ORT's converter raises |w| < 2^-24 to 2^-24 where numpy's cast gives 0: a weight
+    # holding such a value must still be matched (the full-size UNet has them), and its
+    # zeroed positions still checked.
+    from onnx import TensorProto, helper
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from memedit.export.audit import audit_onnx_file
+
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)) * 0.02
+    weight[0, 0] = 1e-9
+    mask = torch.zeros(8, 16, dtype=torch.bool)
+    mask[1, :3] = True
+    weight[mask] = 0
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(weight.numpy().T.copy(), "w")])
+    model = OnnxModel(helper.make_model(graph))
+    model.convert_float_to_float16(keep_io_types=True)
+    path = tmp_path / "model.onnx"
+    model.save_model_to_file(str(path))
+    (result,) = audit_onnx_file(path, {"k": weight}, {"k": mask})
+    assert result.status == "ok" and result.matches == ["w (W^T, fp16)"]

@@ -91,7 +91,8 @@ def in_child(fn_name: str, timeout: float | None = None, **kwargs) -> dict:
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    process = ctx.Process(target=_child, args=(queue, fn_name, kwargs, MAX_RSS_GB))
+    max_rss_gb = float(os.environ.get("BENCH_MAX_RSS_GB", MAX_RSS_GB))
+    process = ctx.Process(target=_child, args=(queue, fn_name, kwargs, max_rss_gb))
     start = time.perf_counter()
     process.start()
     result = None
@@ -101,7 +102,7 @@ def in_child(fn_name: str, timeout: float | None = None, **kwargs) -> dict:
         except queues.Empty:
             if not process.is_alive():
                 result = {"error": f"the phase died (exit {process.exitcode}; over "
-                                   f"{MAX_RSS_GB:g} GB RSS aborts it)"}
+                                   f"{max_rss_gb:g} GB RSS aborts it)"}
             elif timeout is not None and time.perf_counter() - start > timeout:
                 process.terminate()
                 result = {"error": f"did not finish within {timeout:.0f} s"}
@@ -264,6 +265,8 @@ def full_export(variant: str, threads: int, work: str) -> dict:
         start = time.perf_counter()  # the copy is not part of the transformation
         if variant == "ort-fused":
             optimize_component(folder / "model.onnx", "unet", ComponentSettings("basic"))
+        elif variant == "ort-fp16":
+            optimize_component(folder / "model.onnx", "unet", ComponentSettings(dtype="fp16"))
         else:
             quantize_component(folder / "model.onnx")
     return {"seconds": round(time.perf_counter() - start, 1),
@@ -315,13 +318,19 @@ def bench_full_unet(args: argparse.Namespace, work: Path) -> dict:
     if "torch-eager" in args.rows:
         rows["torch-eager"] = in_child("full_torch", variant="torch-eager",
                                        repeats=args.repeats, **common)
-    for variant in ("ort-unfused", "ort-fused", "ort-int8"):
+    for variant in ("ort-unfused", "ort-fused", "ort-int8", "ort-fp16"):
         if variant not in args.rows:
             continue
-        rows[variant] = {"export": in_child("full_export", variant=variant, **common)}
+        if args.reuse_export and (work / variant / "unet" / "model.onnx").is_file():
+            rows[variant] = {"export": {"reused": str(work / variant)}}
+        else:
+            rows[variant] = {"export": in_child("full_export", variant=variant, **common)}
+        if "error" in rows[variant]["export"]:  # nothing of this variant to audit or run
+            shutil.rmtree(work / variant, ignore_errors=True)
+            continue
         rows[variant]["audit"] = in_child("full_audit", variant=variant, **common)
         rows[variant] |= in_child("full_ort", variant=variant, repeats=args.repeats, **common)
-        if variant != "ort-unfused":  # keep the unfused export: the others start from it
+        if variant != "ort-unfused" and not args.reuse_export:  # the others start from it
             shutil.rmtree(work / variant, ignore_errors=True)
     if "torch-compile" in args.rows and args.compile_timeout > 0:
         rows["torch-compile"] = in_child("full_torch", args.compile_timeout,
@@ -364,14 +373,16 @@ def main() -> None:
                         help="seconds torch.compile may take (0: skip it)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (kept)")
     parser.add_argument("--rows", default="torch-eager,torch-compile,ort-unfused,ort-fused,"
-                        "ort-int8", help="full-unet: the rows to measure (comma-separated)")
+                        "ort-int8,ort-fp16",
+                        help="full-unet: the rows to measure (comma-separated)")
+    parser.add_argument("--reuse-export", action="store_true",
+                        help="full-unet: measure the exports an earlier run left in --work")
     parser.add_argument("--max-rss-gb", type=float, default=MAX_RSS_GB,
                         help="abort a phase whose RSS passes this")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.rows = args.rows.split(",")
-    global MAX_RSS_GB
-    MAX_RSS_GB = args.max_rss_gb
+    os.environ["BENCH_MAX_RSS_GB"] = str(args.max_rss_gb)  # read by in_child
     work = args.work or Path(tempfile.mkdtemp(prefix="memedit-bench-export-"))
     work.mkdir(parents=True, exist_ok=True)
     import onnxruntime
