@@ -51,7 +51,9 @@ class Family:
     ``added_cond_kwargs``, and the ONNX graph's input names): SDXL's ``text_time`` conditioning
     reads the last text encoder's pooled projection (``text_embeds``) and ``time_ids``.
     ``text_hidden_state``: the encoder hidden state the UNet reads when it is not the last,
-    normed one (SDXL: the penultimate, -2); parity compares it too.
+    normed one (SDXL: the penultimate, -2); parity compares it too. The layers after it cannot
+    change what the UNet reads from an encoder, unless the UNet also reads that encoder's
+    ``pooled_encoder`` output (computed from the last layer): :meth:`text_layers_read`.
     ``onnx_graphs``: the folders Optimum writes, each with a ``model.onnx``; parity compares
     each of them (the VAE encoder only where exported) and the whole image.
     """
@@ -68,11 +70,22 @@ class Family:
     unet_config: Mapping[str, object] = field(default_factory=dict)
     unet_extra_inputs: tuple[str, ...] = ()
     text_hidden_state: int | None = None  # None: the last, normed state; SDXL: -2
+    pooled_encoder: str | None = None  # the encoder whose pooled output the UNet reads
 
     @property
     def pooled(self) -> bool:
         """The UNet reads a pooled text embedding, carried as the conditioning's last row."""
         return "text_embeds" in self.unet_extra_inputs
+
+    def text_layers_read(self, encoder: str, layer_count: int) -> int:
+        """How many of ``encoder``'s first layers (of ``layer_count``) can change what the UNet
+        reads: all, unless the UNet reads an earlier hidden state and not this encoder's pooled
+        output (SDXL's ``text_encoder``: its last layer feeds nothing the UNet sees)."""
+        if self.text_hidden_state is None or encoder == self.pooled_encoder:
+            return layer_count
+        # hidden_states holds the embeddings and then each layer's output: state h (< 0) is
+        # the output of layer layer_count + h, so layers 0 .. layer_count + h feed it.
+        return layer_count + 1 + self.text_hidden_state
 
     def components_for(self, kind: str) -> tuple[str, ...]:
         if kind not in self.targets:
@@ -122,6 +135,7 @@ register(Family(
     onnx_graphs=("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"),
     ort_pipeline_class="ORTStableDiffusionXLPipeline",
     unet_extra_inputs=("text_embeds", "time_ids"), text_hidden_state=-2,
+    pooled_encoder="text_encoder_2",
 ))
 
 
@@ -151,18 +165,24 @@ def family_of(pipe) -> Family:
 def family_of_folder(folder: str | Path) -> Family:
     """The family of a saved pipeline folder, from its ``model_index.json`` and UNet config."""
     folder = Path(folder)
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-        config_path = folder / "unet" / "config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    except (OSError, json.JSONDecodeError) as err:
-        raise MemeditError(f"Cannot read the pipeline index of {folder}: {err}",
-                           "Pass the folder that `save_pretrained` wrote.") from None
-    if not isinstance(index, dict) or not isinstance(config, dict):
-        raise MemeditError(f"{folder}'s model_index.json or unet/config.json is not a JSON "
-                           "object.", "Pass the folder that `save_pretrained` wrote.")
+    index = _read_json_object(folder / "model_index.json")
+    config_path = folder / "unet" / "config.json"
+    config = _read_json_object(config_path) if config_path.is_file() else {}
     name = str(index.get("_class_name", "(no _class_name)"))
     return _match([name], config, str(folder))
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or bytes that are not UTF-8
+        raise MemeditError(f"Cannot read {path}: {err}",
+                           "Pass the pipeline folder that `save_pretrained` wrote, with its "
+                           "model_index.json and unet/config.json intact.") from None
+    if not isinstance(value, dict):
+        raise MemeditError(f"{path} is not a JSON object.",
+                           "Pass the pipeline folder that `save_pretrained` wrote.")
+    return value
 
 
 def prediction_type(pipe) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from memedit.errors import MemeditError
-from memedit.families import family_of
+from memedit.families import Family, family_of
 
 
 @dataclass(frozen=True)
@@ -80,18 +80,22 @@ def find_target_layers(pipe, kinds: tuple[str, ...]) -> list[tuple[TargetLayer, 
     """Every layer of the requested kinds in ``pipe``, with its module.
 
     Which component(s) a kind names is the model family's (``memedit.families``): ``text_mlp``
-    covers both of SDXL's text encoders, keyed ``text_encoder/...`` and ``text_encoder_2/...``.
+    covers both of SDXL's text encoders, keyed ``text_encoder/...`` and ``text_encoder_2/...``,
+    and only the encoder layers that can change what the UNet reads
+    (:meth:`~memedit.families.Family.text_layers_read`: not ``text_encoder``'s last layer in
+    SDXL, whose UNet reads the penultimate state).
     """
     family = family_of(pipe)
     found: list[tuple[TargetLayer, nn.Linear]] = []
     for kind_name in kinds:
         kind = TARGET_KINDS[kind_name]
         for component_name in family.components_for(kind_name):
-            found += _layers_of(pipe, kind, component_name)
+            found += _layers_of(pipe, family, kind, component_name)
     return found
 
 
-def _layers_of(pipe, kind: TargetKind, component_name: str) -> list[tuple[TargetLayer, nn.Linear]]:
+def _layers_of(pipe, family: Family, kind: TargetKind,
+               component_name: str) -> list[tuple[TargetLayer, nn.Linear]]:
     component = getattr(pipe, component_name, None)
     if component is None:
         raise MemeditError(f"The pipeline has no {component_name}.",
@@ -105,6 +109,9 @@ def _layers_of(pipe, kind: TargetKind, component_name: str) -> list[tuple[Target
             f"The {component_name} has no {what}, so target {kind.name} has nothing to edit.",
             "memedit edits UNets built from diffusers' BasicTransformerBlock (SD 1.x/2.x/XL).",
         )
+    if not is_unet:  # the layers in order, then only those whose output reaches the UNet
+        parents = sorted(parents, key=lambda name: int(name.rsplit(".", 1)[-1]))
+        parents = parents[:family.text_layers_read(component_name, len(parents))]
     found = []
     for parent in parents:
         name = f"{parent}.{kind.path}" if parent else kind.path

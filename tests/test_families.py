@@ -28,6 +28,7 @@ from memedit.evaluation.harness import EvalSettings
 from memedit.export.runtime import load_ort_pipeline
 from memedit.families import (
     FAMILIES,
+    encode_conditioning,
     family_of,
     family_of_folder,
     prediction_type,
@@ -118,11 +119,24 @@ def test_unknown_pipeline_is_refused_clearly(tmp_path):
     with pytest.raises(MemeditError, match="FluxPipeline"):
         family_of_folder(tmp_path)
     (tmp_path / "model_index.json").write_text("{not json")
-    with pytest.raises(MemeditError, match="Cannot read the pipeline index"):
+    with pytest.raises(MemeditError, match=r"Cannot read .*model_index\.json"):
         family_of_folder(tmp_path)
     (tmp_path / "model_index.json").write_text("[1, 2]")
     with pytest.raises(MemeditError, match="not a JSON object"):
         family_of_folder(tmp_path)
+
+
+def test_unet_config_that_is_not_utf8_is_refused_naming_the_file(tmp_path, prompt_files):
+    folder = save_tiny_pipeline(tmp_path / "model")
+    (folder / "unet" / "config.json").write_bytes(b'{"_class_name": "UNet\xff\xfe"}')
+    with pytest.raises(MemeditError, match=r"Cannot read .*unet/config\.json.*utf-8"):
+        family_of_folder(folder)
+    result = CliRunner().invoke(cli, ["locate", "--model", str(folder), "--memorized",
+                                      str(prompt_files[0]), "--out", str(tmp_path / "s"),
+                                      *METHOD])
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    assert "config.json" in result.output
+    assert not (tmp_path / "s").exists()
 
 
 def test_locate_refuses_an_unknown_pipeline_class(tmp_path, prompt_files):
@@ -159,9 +173,40 @@ def test_text_mlp_covers_both_sdxl_text_encoders():
     layers = find_target_layers(pipe, ("text_mlp",))
     per_encoder = {c: [layer.key for layer, _ in layers if layer.component == c]
                    for c in ("text_encoder", "text_encoder_2")}
-    assert len(per_encoder["text_encoder"]) == len(per_encoder["text_encoder_2"]) == 3
+    # text_encoder's last layer (of 3) feeds nothing the UNet reads; text_encoder_2's feeds
+    # the pooled embedding.
+    assert (len(per_encoder["text_encoder"]), len(per_encoder["text_encoder_2"])) == (2, 3)
     assert per_encoder["text_encoder_2"][0].startswith("text_encoder_2/")
     assert per_encoder["text_encoder_2"][0].endswith("mlp.fc2.weight")
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_text_mlp_layer_named_changes_the_conditioning(name):
+    """Zeroing any text_mlp layer memedit names changes what the UNet reads; zeroing one it
+    leaves out (SDXL text_encoder's last layer: the UNet reads the penultimate state, and the
+    pooled embedding only from text_encoder_2) changes it by exactly nothing."""
+    pipe = build_tiny_pipeline(family=name)
+    prompts = ["the painting of a cat", "a red dog"]
+    before = encode_conditioning(pipe, prompts)
+    named = {layer.key for layer, _ in find_target_layers(pipe, ("text_mlp",))}
+    family = FAMILIES[name]
+    every = {f"{encoder}/{module}.weight" for encoder in family.text_encoders
+             for module, _ in getattr(pipe, encoder).named_modules()
+             if module.endswith("mlp.fc2")}
+    assert named <= every
+    left_out = every - named
+    assert left_out == ({"text_encoder/text_model.encoder.layers.2.mlp.fc2.weight"}
+                        if name == "sdxl" else set())
+    for key in sorted(every):
+        component, parameter = key.split("/", 1)
+        weight = getattr(pipe, component).get_parameter(parameter)
+        kept = weight.detach().clone()
+        with torch.no_grad():
+            weight.zero_()
+        change = (encode_conditioning(pipe, prompts) - before).abs().max().item()
+        with torch.no_grad():
+            weight.copy_(kept)
+        assert (change > 0) == (key in named), (key, change)
 
 
 def test_sdxl_detector_nemo_and_cross_attention_run():
