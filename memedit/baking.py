@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from memedit import distributed
 from memedit.artifacts import PROVENANCE_DIR, PROVENANCE_FILE, VERSION
 from memedit.card import source_record, write_card
 from memedit.errors import MemeditError
@@ -118,12 +119,16 @@ def _copy_tree(source: Path, target: Path, progress: bool) -> None:
 
 def bake(model: str | os.PathLike | None, subspace: Subspace, out: str | os.PathLike,
          overwrite: bool = False, allow_pickle: bool = False, progress: bool = True,
-         inputs: Inputs = None) -> BakeResult:
+         inputs: Inputs = None) -> BakeResult | None:
     """Write ``model`` with ``subspace`` zeroed to the new pipeline folder ``out``.
 
     ``inputs`` are further paths the output must not touch (the subspace's folder, prompt
-    files); the source model is always one.
+    files); the source model is always one. Under several processes (``accelerate launch``)
+    only the main one bakes (reads, copies and rewrites the model); the others return None at
+    once, as :func:`memedit.locate_and_bake` does.
     """
+    if not distributed.state().is_main:
+        return None
     source = resolve_model(model, allow_pickle)
     protected = [source.path, *input_paths(inputs)]
     check_output(out, overwrite, protected)  # before reading any weights

@@ -23,6 +23,7 @@ from tabulate import tabulate
 from memedit import distributed
 from memedit.errors import MemeditError
 from memedit.hub import model_hub_options, push_options
+from memedit.outputs import recorded_writes
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by SIGINT
@@ -94,9 +95,9 @@ class MemeditGroup(click.Group):
         try:
             # Under `accelerate launch` this joins the other processes first; only the main
             # one prints, and all of them finish together (after it has written the outputs).
-            with distributed.quiet_unless_main():
+            with recorded_writes() as written, distributed.quiet_unless_main():
                 result = super().invoke(ctx)
-            distributed.barrier()
+            distributed.barrier(written)
             return result
         except MemeditError as err:
             raise UserError(str(err)) from None
@@ -440,6 +441,8 @@ def bake_command(model: str | None, subspace: Path, out: Path, overwrite: bool,
 
     result = bake(model, Subspace.load(subspace), out, overwrite, allow_pickle,
                   inputs=[subspace])
+    if result is None:
+        return  # another process of a launched run: the main one baked
     data = {"sanitized_model": str(result.path), "source": result.source,
             "zeroed": result.zeroed, "edited_files": result.files,
             "already_sanitized": result.already_sanitized}

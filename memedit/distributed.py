@@ -72,7 +72,17 @@ _state: ProcessState | None = None
 
 def launched() -> bool:
     """Whether a launcher started this process as one of several (it sets ``WORLD_SIZE``)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(text)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise MemeditError(f"WORLD_SIZE must be a whole number of processes (1 or more), got "
+                           f"{text!r}.",
+                           "Unset WORLD_SIZE to run as one process; `accelerate launch` or "
+                           "`torchrun` set it for each process they start.")
+    return world > 1
 
 
 def collective_timeout() -> float:
@@ -143,9 +153,13 @@ def default_device() -> str:
         else "cuda"
 
 
+NOTHING_WRITTEN = "Nothing was written."
+
+
 @contextlib.contextmanager
-def _exchange(what: str) -> Iterator[None]:
-    """Turn a failed exchange (a peer died, hung past the timeout) into one clear error."""
+def _exchange(what: str, outcome: str = NOTHING_WRITTEN) -> Iterator[None]:
+    """Turn a failed exchange (a peer died, hung past the timeout) into one clear error;
+    ``outcome`` says what this process had written by then."""
     try:
         yield
     except DistributedError:
@@ -156,7 +170,7 @@ def _exchange(what: str) -> Iterator[None]:
         raise DistributedError(
             f"Process {current.rank} of {current.world}: another process of this run failed, "
             f"was killed or did not answer within {collective_timeout():g} s ({what}: "
-            f"{type(err).__name__}{': ' + detail if detail else ''}). Nothing was written.",
+            f"{type(err).__name__}{': ' + detail if detail else ''}). {outcome}",
             "The failing process's own message names the cause; rerun when it is fixed (a "
             f"rerun starts clean). {TIMEOUT_ENV} sets the timeout.") from None
 
@@ -174,14 +188,28 @@ def all_gather(value: object) -> list:
     return gathered
 
 
-def barrier() -> None:
-    """Wait for every process (a no-op for one)."""
-    if not state().distributed:
+def barrier(written: Sequence[object] | None = None) -> None:
+    """Wait for every process (a no-op for one). ``written``: the outputs this process put in
+    place before it (None: before any output), named in the error when a peer fails."""
+    current = state()
+    if not current.distributed:
         return
     import torch.distributed as dist
 
-    with _exchange("waiting for the other processes"):
+    with _exchange("waiting for the other processes", _outcome(current, written)):
         dist.barrier()
+
+
+def _outcome(current: ProcessState, written: Sequence[object] | None) -> str:
+    if written is None:
+        return NOTHING_WRITTEN
+    if written:
+        return (f"This process had written {', '.join(map(str, written))}: check "
+                f"{'it' if len(written) == 1 else 'them'} before use, or rerun.")
+    if current.is_main:
+        return NOTHING_WRITTEN
+    return ("The main process may have written the outputs already: check them before use, "
+            "or rerun.")
 
 
 def ordered_map(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[tuple[R, bool]]:

@@ -13,7 +13,9 @@
 - Files and folders get the modes the umask gives, as any other tool's output would.
 - Under a launcher (``accelerate launch``, see :mod:`memedit.distributed`) only the main
   process checks, locks and writes; the others' writes go to a private scratch folder that is
-  removed (or, for single files, nowhere).
+  removed (or, for single files, nowhere). The path these calls hand back is where the main
+  process writes: no process may read an output back from it (commands print what the API
+  call returns), since on the others it does not exist, or not yet.
 - A full disk or an unwritable path is a :class:`MemeditError` that names the path (and the
   free space), not a traceback.
 """
@@ -39,6 +41,9 @@ PARTIAL = "partial"  # .NAME.partial-XXXX: a run's output being written
 PREVIOUS = "old"  # .NAME.old-XXXX/NAME: the output being replaced, during the swap
 
 log = logging.getLogger("memedit")
+
+# The outputs put in place during each open recorded_writes() block, innermost last.
+_recordings: list[list[Path]] = []
 
 Inputs = Path | str | Iterable[Path | str] | None
 
@@ -240,6 +245,23 @@ def hold_output(out: Path | str, overwrite: bool = False, inputs: Inputs = None,
 # ----------------------------------------------------------------------------------- writes
 
 
+@contextlib.contextmanager
+def recorded_writes() -> Iterator[list[Path]]:
+    """The outputs this process puts in place during the block, in order (the end-of-run
+    message of a launched run names them when a peer fails after they were written)."""
+    written: list[Path] = []
+    _recordings.append(written)
+    try:
+        yield written
+    finally:
+        _recordings.remove(written)
+
+
+def _record(out: Path) -> None:
+    for written in _recordings:
+        written.append(out)
+
+
 def _no_space_or_permission(err: OSError, out: Path) -> MemeditError | None:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         parent = out.parent if out.parent.exists() else Path(out.anchor)
@@ -295,6 +317,7 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False, inputs: Inputs =
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, out)
+            _record(out)
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(err, OSError) and (friendly := _no_space_or_permission(err, out)):
@@ -316,6 +339,7 @@ def atomic_write_bytes(path: Path | str, data: bytes, overwrite: bool = False,
             apply_umask(Path(tmp), is_dir=False)
             check_output(path, overwrite, inputs, kind="file")
             os.replace(tmp, path)
+            _record(path)
         except BaseException as err:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors import safe_open
 
 from memedit import distributed
+from memedit.cli import cli
 from memedit.errors import MemeditError
 from memedit.outputs import atomic_output_dir, atomic_write_bytes, check_output, hold_output
 from memedit.sampling import SamplingConfig, generate_images
+from memedit.subspace import Subspace
 from memedit.testbed import prompt_file
 
 LOCATE = ["--steps", "4", "--tau", "2", "--k", "0.05", "--batch-size", "2"]
@@ -51,6 +54,16 @@ def test_bad_timeout_is_a_user_error(monkeypatch, value):
         distributed.collective_timeout()
 
 
+@pytest.mark.parametrize("value", ["two", "0", "", "-1"])
+def test_malformed_world_size_is_a_user_error(monkeypatch, tmp_path, value):
+    monkeypatch.setenv("WORLD_SIZE", value)
+    monkeypatch.setattr(distributed, "_state", None)
+    with pytest.raises(MemeditError, match="WORLD_SIZE"):
+        distributed.state()
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2 and "WORLD_SIZE" in result.output, result.output
+
+
 def test_timeout_default_and_override(monkeypatch):
     monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
     assert distributed.collective_timeout() == distributed.DEFAULT_TIMEOUT_S
@@ -71,8 +84,71 @@ def test_other_processes_never_write(monkeypatch, tmp_path):
         (folder / "report.json").write_text("{}")
         assert tmp_path not in folder.parents
     assert not folder.exists()
-    atomic_write_bytes(tmp_path / "file.json", b"{}")
+    assert atomic_write_bytes(tmp_path / "file.json", b"{}") == tmp_path / "file.json"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def _as_other_process(monkeypatch) -> None:
+    """This process as one that is not the main one, its exchanges all local (a run of one):
+    what it writes goes nowhere, so any read of an output back from disk fails."""
+    monkeypatch.setattr(distributed, "_state", distributed.ProcessState(1, 1, 0))
+
+
+def test_other_processes_read_no_output_back(monkeypatch, tmp_path):
+    """The command's output is the API call's return value, not what the main process wrote
+    (it may not exist yet): `attack` on another process succeeds and writes nothing."""
+    _as_other_process(monkeypatch)
+    result = CliRunner().invoke(cli, ["attack", "--steps", "2", "--attack-steps", "1",
+                                      "--pairs", "1", "--seeds", "1", "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_processes_do_not_bake(monkeypatch, tmp_path):
+    """Baking copies and rewrites the whole model: only the main process does it."""
+    from memedit import baking
+
+    subspace = Subspace.load(_testbed_subspace(tmp_path))
+    _as_other_process(monkeypatch)
+
+    def no_copy(*_args) -> None:
+        raise AssertionError("another process copied the model")
+
+    monkeypatch.setattr(baking, "_copy_tree", no_copy)
+    monkeypatch.setattr(baking, "read_tensors", no_copy)
+    assert baking.bake(None, subspace, tmp_path / "baked") is None
+    result = CliRunner().invoke(cli, ["bake", "--subspace", str(tmp_path / "subspace"),
+                                      "--out", str(tmp_path / "baked")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["subspace"]
+
+
+def _testbed_subspace(tmp_path: Path) -> Path:
+    out = tmp_path / "subspace"
+    result = CliRunner().invoke(cli, ["locate", *LOCATE, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_a_peer_failing_after_the_outputs_were_written_says_so(monkeypatch, tmp_path):
+    """At the end of a run the main process has written its outputs: the error names them."""
+    monkeypatch.setattr(distributed, "_state", distributed.ProcessState(0, 2, 0))
+    import torch.distributed as dist
+
+    def peer_died() -> None:
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(dist, "barrier", peer_died)
+    with pytest.raises(distributed.DistributedError, match="Nothing was written"):
+        distributed.barrier()
+    with pytest.raises(distributed.DistributedError) as raised:
+        distributed.barrier([tmp_path / "out"])
+    assert "Nothing was written" not in str(raised.value)
+    assert f"had written {tmp_path / 'out'}" in str(raised.value)
+    monkeypatch.setattr(distributed, "_state", distributed.ProcessState(1, 2, 1))
+    with pytest.raises(distributed.DistributedError, match="may have written"):
+        distributed.barrier([])
 
 
 def test_generated_images_are_in_c_order(tiny_pipe):

@@ -191,6 +191,16 @@ class EvaluationReport:
     out: Path | None = None
 
 
+@dataclass
+class AttackReport:
+    """What ``attack`` writes: ``report`` is report.json (as it reads back: non-finite numbers
+    are None), ``table`` table.txt; ``out`` the folder, when one was written."""
+
+    report: dict
+    table: str
+    out: Path | None = None
+
+
 def seed_range(count: int, start: int) -> tuple[int, ...]:
     if count < 1:
         raise MemeditError("--seeds must be at least 1.", "Pass the number of seeds per prompt.")
@@ -438,13 +448,13 @@ def detect(model: PathLike | None = None, prompts: PathLike | PromptSet | None =
     return result
 
 
-def attack(model: PathLike | None = None, **options) -> dict:
+def attack(model: PathLike | None = None, **options) -> AttackReport:
     """Try to bring removed copies back with the embedding attack, as ``memedit attack``
     does: ``model`` (default: the embedded test model) is loaded, each memorized prompt's
     text embedding optimized towards its training image, every weight frozen, and scored at
     each checkpoint; the same attack on images the model never trained on is the control
     (for the embedded model, drawn by memedit). ``options`` are :class:`AttackOptions`;
-    returns the report, written to ``out`` (with the table and figures) when given.
+    returns the report and its table, written to ``out`` (with the figures) when given.
 
     :func:`memedit.evaluation.attack.attack` is the same attack on a loaded pipeline.
     """
@@ -495,5 +505,6 @@ def attack(model: PathLike | None = None, **options) -> dict:
         data = (attacks.build_report(result, context) if o.out is None
                 else attacks.write_outputs(result, folder, context))
     # The report as report.json holds it (non-finite numbers are null there).
-    return json.loads(report_json(data))
+    return AttackReport(json.loads(report_json(data)), attacks.table(result),
+                        None if o.out is None else Path(o.out))
 

@@ -363,11 +363,11 @@ def attack_command(update_card: bool, **o):
 
     if update_card:
         _check_update_card(o["model"])
-    data = attack(o["model"], **_parsed_attack(o))
+    attacked = attack(o["model"], **_parsed_attack(o))
     if o["as_json"]:
-        click.echo(report_json(data).decode(), nl=False)
+        click.echo(report_json(attacked.report).decode(), nl=False)
     else:
-        click.echo((Path(o["out"]) / "table.txt").read_text(), nl=False)
+        click.echo(attacked.table)
     click.echo(f"Wrote {o['out']}/report.json", err=True)
     if update_card:
         _update_card(o["model"], o["out"])
