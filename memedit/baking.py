@@ -22,10 +22,11 @@ from memedit import distributed
 from memedit.artifacts import PROVENANCE_DIR, PROVENANCE_FILE, VERSION
 from memedit.card import source_record, write_card
 from memedit.errors import MemeditError
+from memedit.families import FAMILIES, family_of_folder
 from memedit.loading import ModelSource, resolve_model
 from memedit.outputs import Inputs, atomic_output_dir, check_output, input_paths
 from memedit.subspace import Subspace, model_identity
-from memedit.weights import read_tensors, rewrite_component, tensor_sha256
+from memedit.weights import read_tensors, rewrite_component, stored_shapes, tensor_sha256
 
 
 @dataclass
@@ -48,8 +49,8 @@ def check_model_matches(source: ModelSource, subspace: Subspace,
     sanitized with this subspace (baking again is a no-op on the weights: bake is idempotent).
     """
     _check_records(subspace)
+    check_layout(source, subspace, allow_pickle)
     stored = read_tensors(source.path, list(subspace.masks), allow_pickle)
-    _check_complete(source, subspace, stored.keys())
     already = all([_check_tensor(source, subspace, key, stored[key]) for key in subspace.masks])
     _check_identity(source, subspace, allow_pickle)
     return already
@@ -68,6 +69,34 @@ def _check_records(subspace: Subspace) -> None:
             "per-layer counts), or locate again on this model.")
 
 
+def check_layout(source: ModelSource, subspace: Subspace, allow_pickle: bool = False) -> None:
+    """Refuse a model of another family than the one the subspace was located on (where the
+    manifest records ``model.family``), or one lacking a masked tensor of the mask's shape:
+    from the config files and the weight files' headers, before a bake copies anything."""
+    recorded = subspace.manifest.get("model", {}).get("family")
+    if recorded is not None:
+        family = family_of_folder(source.path)
+        if family.name != recorded:
+            label = FAMILIES[recorded].label if recorded in FAMILIES else recorded
+            raise MemeditError(
+                f"The subspace was located on a {label} model ({recorded}), but "
+                f"{source.spec} is a {family.label} model ({family.name}).",
+                f"Locate a subspace on this model (`memedit locate --model {source.spec}`), "
+                f"or bake the {label} model the subspace came from.")
+    shapes = stored_shapes(source.path, list(subspace.masks), allow_pickle)
+    _check_complete(source, subspace, shapes)
+    for key, mask in subspace.masks.items():
+        _check_shape(source, key, shapes[key], tuple(mask.shape))
+
+
+def _check_shape(source: ModelSource, key: str, stored: tuple[int, ...],
+                 masked: tuple[int, ...]) -> None:
+    if stored != masked:
+        raise MemeditError(
+            f"{key} has shape {stored} in {source.spec} but {masked} in the subspace.",
+            "This subspace was located on another model: locate again on this one.")
+
+
 def _check_complete(source: ModelSource, subspace: Subspace, found: Iterable[str]) -> None:
     missing = sorted(subspace.masks.keys() - set(found))
     if missing:
@@ -79,12 +108,7 @@ def _check_tensor(source: ModelSource, subspace: Subspace, key: str,
                   stored: torch.Tensor) -> bool:
     """Refuse an edited tensor that is neither the one located on nor its sanitized form;
     True when it is already sanitized."""
-    mask = subspace.masks[key]
-    if tuple(stored.shape) != tuple(mask.shape):
-        raise MemeditError(
-            f"{key} has shape {tuple(stored.shape)} in {source.spec} but "
-            f"{tuple(mask.shape)} in the subspace.",
-            "This subspace was located on another model: locate again on this one.")
+    _check_shape(source, key, tuple(stored.shape), tuple(subspace.masks[key].shape))
     recorded = subspace.tensor_records()[key]
     digest = tensor_sha256(stored)
     if digest == recorded["sha256_after"]:
@@ -139,6 +163,7 @@ def bake(model: str | os.PathLike | None, subspace: Subspace, out: str | os.Path
     # What check_model_matches checks, with the edited tensors checked in the copy as it is
     # rewritten (the copy's bytes are the source's): the targeted weights are read once.
     _check_records(subspace)
+    check_layout(source, subspace, allow_pickle)  # before copying the model
     sanitized: dict[str, bool] = {}  # per edited tensor: already sanitized
 
     def check(component: str, name: str, tensor: torch.Tensor) -> None:

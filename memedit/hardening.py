@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -30,7 +29,7 @@ from memedit.evaluation.attack import (
     AttackConfig,
     check_targets,
     frozen,
-    optimize_embeddings,
+    optimize_in_chunks,
     prompt_embeddings,
     target_latents,
 )
@@ -44,7 +43,6 @@ from memedit.locate import (
     stored_weights,
 )
 from memedit.prompts import PromptSet
-from memedit.sampling import batches
 from memedit.statistics import ActivationStats
 from memedit.subspace import Subspace
 from memedit.targets import find_target_layers
@@ -91,21 +89,15 @@ def harden(pipe, memorized: PromptSet, stats_mem: ActivationStats, stats_ref: Ac
     rounds = []
     for number in tqdm(range(1, hardening.rounds + 1), desc="hardening", unit="round",
                        disable=not progress):
-        triggers, losses = [], []
         with frozen(pipe), masks_applied(pipe, masks):
-            for chunk in batches(range(len(memorized)), hardening.attack.prompt_batch):
-                gens = [torch.Generator("cpu").manual_seed(
-                    hardening.attack.seed + number * 1000 + i) for i in chunk]
-                snapshots, chunk_losses = optimize_embeddings(pipe, y_prompt[chunk], z0[chunk],
-                                                              hardening.attack, gens)
-                triggers.append(snapshots[hardening.attack.steps])
-                losses.append(chunk_losses)
-        losses = np.concatenate(losses)
+            snapshots, losses = optimize_in_chunks(
+                pipe, len(memorized), z0, hardening.attack,
+                hardening.attack.seed + number * 1000, lambda chunk, _gens: y_prompt[chunk])
         # Recorded on the original weights, as the located statistics are: they add up, and
         # the Wanda scores weigh the original |W| by them.
         stats_attack = record_embedding_statistics(
-            pipe, torch.cat(triggers), f"attack-round-{number}", config, source, progress=False,
-            model_hash=fingerprint(stored))
+            pipe, snapshots[hardening.attack.steps], f"attack-round-{number}", config, source,
+            progress=False, model_hash=fingerprint(stored))
         stats_mem = stats_mem.merge(stats_attack)
         grown = select_subspace(pipe, stats_mem, stats_ref, config, source, stored=stored).masks
         before = sum(int(m.sum()) for m in masks.values())

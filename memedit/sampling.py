@@ -7,7 +7,7 @@ on the batch it was drawn in: locating, evaluating and exporting all see the sam
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,13 +91,22 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], config: 
 
     def draw(batch: list[tuple[str, int]]) -> np.ndarray:
         result = run_pipeline(pipe, [p for p, _ in batch], [s for _, s in batch], config)
-        # C order whatever the pipeline returns (a channel-first view): numpy reduces in memory
-        # order, so a score of the same pixels must not depend on a layout that sending the
-        # images between processes would change.
-        return np.ascontiguousarray(result.images, dtype=np.float32)
+        return result.images
 
-    # Under a launcher each process draws its share of the batches (the same batches, so the
-    # same images) and every process gets all of them back in order.
-    pairs = list(zip(prompts, seeds, strict=True))
-    return np.concatenate(map_batches(draw, list(batches(pairs, config.batch_size)), progress),
-                          axis=0)
+    return gather_batches(draw, list(zip(prompts, seeds, strict=True)), config.batch_size,
+                          progress)
+
+
+def gather_batches(fn: Callable[[list], np.ndarray], items: Sequence, batch_size: int,
+                   progress=None) -> np.ndarray:
+    """``fn`` over ``items`` in batches of ``batch_size``, its arrays concatenated in order:
+    under a launcher each process runs its share of the batches (the same batches as one
+    process, so the same numbers) and every process gets all of them back (see
+    :func:`memedit.distributed.map_batches`)."""
+    def run(batch: list) -> np.ndarray:
+        # C order and float32 whatever ``fn`` returns (a pipeline gives a channel-first
+        # view): numpy reduces in memory order, so a score of the same values must not depend
+        # on a layout that sending them between processes would change.
+        return np.ascontiguousarray(fn(batch), dtype=np.float32)
+
+    return np.concatenate(map_batches(run, list(batches(items, batch_size)), progress), axis=0)

@@ -396,9 +396,9 @@ def detect(model: PathLike | None = None, prompts: PathLike | PromptSet | None =
         DetectorConfig,
         auroc,
         detector_scores,
+        noise_magnitudes,
         scheduler_name,
     )
-    from memedit.evaluation.harness import noise_magnitudes
     from memedit.evaluation.report import report_json
     from memedit.loading import load_pipeline
     from memedit.outputs import atomic_write_bytes, check_output

@@ -18,7 +18,7 @@ import contextlib
 import io
 import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from memedit.families import (
     unet_conditioning,
 )
 from memedit.prompts import PromptRecord, PromptSet
-from memedit.sampling import SamplingConfig, batches, generators
+from memedit.sampling import SamplingConfig, batches, gather_batches, generators
 
 START_MODES = ("prompt", "random", "ordinary")
 DEFAULT_CHECKPOINTS = (1, 10, 25, 50)
@@ -275,6 +275,31 @@ def optimize_embeddings(pipe, y_start: torch.Tensor, z0: torch.Tensor, config: A
     return snapshots, losses
 
 
+def optimize_in_chunks(pipe, count: int, z0: torch.Tensor, config: AttackConfig, seed: int,
+                       start: Callable[[list[int], list[torch.Generator]], torch.Tensor],
+                       progress=None) -> tuple[dict[int, torch.Tensor], np.ndarray]:
+    """:func:`optimize_embeddings` for prompts ``0 .. count - 1`` in chunks of
+    ``config.prompt_batch``, prompt ``i`` with its own generator seeded ``seed + i`` and the
+    start ``start(chunk, generators)``; ``z0`` holds every prompt's latents. Under a launcher
+    the chunks are shared out over the processes (a chunk runs the same on any of them) and
+    every process gets all results in prompt order: the embeddings at each checkpoint
+    ``[count, T, d]`` and the losses ``[count, steps]``. ``progress`` advances by steps."""
+    def optimize(chunk: list[int]) -> tuple[dict[int, torch.Tensor], np.ndarray]:
+        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in chunk]
+        return optimize_embeddings(pipe, start(chunk, gens), z0[chunk], config, gens, progress)
+
+    snapshots: dict[int, list[torch.Tensor]] = {}
+    losses = []
+    chunks = list(batches(range(count), config.prompt_batch))
+    for (chunk_snaps, chunk_losses), computed_here in distributed.ordered_map(optimize, chunks):
+        for step, y in chunk_snaps.items():
+            snapshots.setdefault(step, []).append(y)
+        losses.append(chunk_losses)
+        if not computed_here and progress is not None:
+            progress.update(config.steps)
+    return {step: torch.cat(parts) for step, parts in snapshots.items()}, np.concatenate(losses)
+
+
 def generate_from_embeddings(pipe, embeds: torch.Tensor, negative: torch.Tensor,
                              seeds: Sequence[int], settings: EvalSettings,
                              progress=None) -> np.ndarray:
@@ -335,30 +360,15 @@ def attack_group(pipe, group: PromptSet, role: str, config: AttackConfig,
     show = settings.progress and distributed.state().is_main
     y_prompt = prompt_embeddings(pipe, group.prompts)
     z0_all = target_latents(pipe, group, settings.sampling)
-    snapshots: dict[int, list[torch.Tensor]] = {c: [] for c in config.checkpoints}
-    losses = []
     started = time.perf_counter()
-    chunks = list(batches(range(len(group)), config.prompt_batch))
-    with tqdm(total=config.steps * len(chunks), desc=f"attack {role}", unit="step",
+    chunks = -(-len(group) // config.prompt_batch)
+    with tqdm(total=config.steps * chunks, desc=f"attack {role}", unit="step",
               disable=not show, leave=False) as bar:
-
-        def optimize(chunk: list[int]) -> tuple[dict[int, torch.Tensor], np.ndarray]:
-            # Each prompt has its own generator, so a chunk runs the same on any process.
-            gens = [torch.Generator("cpu").manual_seed(config.seed + i) for i in chunk]
-            start = start_embeddings(pipe, chunk, config, start_prompts, y_prompt[chunk],
-                                     gens)
-            return optimize_embeddings(pipe, start, z0_all[chunk], config, gens, bar)
-
-        # Under a launcher the chunks are shared out over the processes, results in order.
-        for (chunk_snaps, chunk_losses), computed_here in distributed.ordered_map(optimize,
-                                                                                  chunks):
-            for step, y in chunk_snaps.items():
-                snapshots[step].append(y)
-            losses.append(chunk_losses)
-            if not computed_here:
-                bar.update(config.steps)
+        by_step, losses = optimize_in_chunks(
+            pipe, len(group), z0_all, config, config.seed,
+            lambda chunk, gens: start_embeddings(pipe, chunk, config, start_prompts,
+                                                 y_prompt[chunk], gens), bar)
     optimized = time.perf_counter()
-    by_step = {step: torch.cat(parts) for step, parts in snapshots.items()}
     reference = y_prompt.cpu()
     drift = np.stack([((by_step[c] - reference).flatten(1).norm(dim=1)
                        / reference.flatten(1).norm(dim=1)).numpy() for c in config.checkpoints],
@@ -373,12 +383,11 @@ def attack_group(pipe, group: PromptSet, role: str, config: AttackConfig,
         for step in steps:
             embeds = by_step[step].repeat_interleave(len(seeds), dim=0)
             pairs = list(zip(embeds, _repeat(group.prompts, seeds)[1], strict=True))
-            # In C order, as generate_images gives: scores must not depend on the layout.
-            images = np.concatenate(distributed.map_batches(
-                lambda batch: np.ascontiguousarray(generate_from_embeddings(
+            images = gather_batches(
+                lambda batch: generate_from_embeddings(
                     pipe, torch.stack([e for e, _ in batch]), negative_cpu,
-                    [s for _, s in batch], settings)),
-                list(batches(pairs, settings.sampling.batch_size)), bar), axis=0)
+                    [s for _, s in batch], settings),
+                pairs, settings.sampling.batch_size, bar)
             scores[step] = score_group(images, group, settings, scorers)
             first_seed = [images[i * len(seeds)] for i in range(rows)]
             if step == 0 and config.start == "prompt":
@@ -389,7 +398,7 @@ def attack_group(pipe, group: PromptSet, role: str, config: AttackConfig,
         grid["original"] = list(generate_from_embeddings(
             pipe, y_prompt[:rows].cpu(), negative_cpu, [seeds[0]] * rows, settings))
     generated = time.perf_counter()
-    return AttackRun(role, group, scores, np.concatenate(losses), drift, grid,
+    return AttackRun(role, group, scores, losses, drift, grid,
                      {"optimize": optimized - started, "generate": generated - optimized})
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from memedit.evaluation.detector import DetectorConfig, detector_scores, text_noise_magnitudes
+from memedit.evaluation.detector import DetectorConfig, detector_scores, noise_magnitudes
 from memedit.evaluation.similarity import Scorer, aggregate_ground_truths
 from memedit.families import encode_conditioning, split_conditioning
 from memedit.prompts import PromptRecord, PromptSet
@@ -296,7 +296,7 @@ def detector_copy_check(pipe, config: DetectorConfig, seeds: Sequence[int],
 
     def scores(prompts: Sequence[str]) -> np.ndarray:
         texts = [p for p in prompts for _ in seeds]
-        magnitudes = text_noise_magnitudes(pipe, texts, seeds * len(prompts), config)
+        magnitudes = noise_magnitudes(pipe, texts, seeds * len(prompts), config)
         return detector_scores(magnitudes).reshape(len(prompts), len(seeds)).max(axis=1)
 
     limit = float(scores(ordinary.prompts).max())

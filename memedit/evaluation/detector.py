@@ -24,7 +24,7 @@ import torch
 
 from memedit.errors import MemeditError
 from memedit.hooks import ActivationRecorder, StopDenoising
-from memedit.sampling import SamplingConfig, batches, run_pipeline
+from memedit.sampling import SamplingConfig, batches, gather_batches, run_pipeline
 
 SCHEDULERS = ("pipeline", "ddim")
 
@@ -116,6 +116,17 @@ def text_noise_magnitudes(pipe, prompts: Sequence[str], seeds: Sequence[int],
         finally:
             handle.remove()
     return np.concatenate(out, axis=0)
+
+
+def noise_magnitudes(pipe, prompts: Sequence[str], seeds: Sequence[int],
+                     config: DetectorConfig, progress=None) -> np.ndarray:
+    """:func:`text_noise_magnitudes`, its batches shared out over the processes of a launched
+    run (the same batches as one process, gathered in order: the same numbers)."""
+    def measure(batch: list[tuple[str, int]]) -> np.ndarray:
+        return text_noise_magnitudes(pipe, [p for p, _ in batch], [s for _, s in batch], config)
+
+    return gather_batches(measure, list(zip(prompts, seeds, strict=True)),
+                          config.sampling.batch_size, progress)
 
 
 def detector_scores(magnitudes: np.ndarray, steps: int | None = None) -> np.ndarray:

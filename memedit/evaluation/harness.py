@@ -21,7 +21,6 @@ import torch
 from tqdm.auto import tqdm
 
 from memedit import distributed
-from memedit.distributed import map_batches
 from memedit.errors import MemeditError
 from memedit.evaluation.controls import (
     detector_copy_check,
@@ -34,14 +33,14 @@ from memedit.evaluation.detector import (
     DetectorConfig,
     auroc,
     detector_scores,
+    noise_magnitudes,
     scheduler_name,
-    text_noise_magnitudes,
 )
 from memedit.evaluation.similarity import MEASURES, Scorer, aggregate_ground_truths, resize
 from memedit.evaluation.utility import CLIPScorer, drift, scene_scorer, scene_utility
 from memedit.locate import LocateConfig, record_statistics, select_subspace
 from memedit.prompts import PromptSet, empty_reference
-from memedit.sampling import SamplingConfig, batches, generate_images
+from memedit.sampling import SamplingConfig, generate_images
 from memedit.subspace import Subspace, parameter
 
 # Evaluation seeds start away from the locate seed (0) so that evaluation also uses noise the
@@ -359,19 +358,6 @@ def _detect(pipe, prompts: PromptSet, seeds: Sequence[int], config: DetectorConf
             "score": detector_scores(per_step).tolist(),
             "first_step": detector_scores(per_step, 1).tolist(),
             "per_step": per_step.tolist()}
-
-
-def noise_magnitudes(pipe, texts: Sequence[str], seeds: Sequence[int], config: DetectorConfig,
-                     progress=None) -> np.ndarray:
-    """:func:`text_noise_magnitudes`, its batches shared out over the processes of a launched
-    run (the same batches as one process, gathered in order: the same numbers)."""
-    pairs = list(zip(texts, seeds, strict=True))
-
-    def measure(batch: list[tuple[str, int]]) -> np.ndarray:
-        return text_noise_magnitudes(pipe, [t for t, _ in batch], [s for _, s in batch], config)
-
-    return np.concatenate(map_batches(measure, list(batches(pairs, config.sampling.batch_size)),
-                                      progress), axis=0)
 
 
 def _detector_summary(per_prompt: dict[str, dict], groups: dict[str, PromptSet]) -> dict:
