@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from memedit import distributed
 from memedit.artifacts import EMBEDDED_SPEC, FORMAT, FORMAT_VERSION, VERSION
 from memedit.errors import MemeditError
-from memedit.families import pipeline_conditioning
+from memedit.families import family_of, pipeline_conditioning
 from memedit.hooks import ActivationRecorder, StopDenoising
 from memedit.loading import ModelSource
 from memedit.outputs import Inputs, atomic_output_dir, check_output, hold_output, input_paths
@@ -276,6 +276,7 @@ def build_manifest(pipe, source: ModelSource | None, masks: dict[str, torch.Tens
             "scheduler": type(pipe.scheduler).__name__,
         },
         "model": {
+            "family": family_of(pipe).name,  # bake refuses a model of another family
             "spec": source.spec if source else None,
             "hub_id": source.hub_id if source else None,
             "path": str(source.path) if source else None,

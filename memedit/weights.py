@@ -93,10 +93,9 @@ def file_keys(path: Path) -> list[str]:
         return list(handle.keys())
 
 
-def read_tensors(model_dir: Path, keys: list[str], allow_pickle: bool = False,
-                 primary_only: bool = True) -> dict[str, torch.Tensor]:
-    """The stored tensors for mask keys ``component/param`` from the primary weight files."""
-    found: dict[str, torch.Tensor] = {}
+def _files_holding(model_dir: Path, keys: list[str], allow_pickle: bool,
+                   primary_only: bool) -> Iterator[tuple[str, Path, set[str]]]:
+    """(component, weight file, the parameter names it holds) for mask keys ``component/param``."""
     for component, names in by_component(dict.fromkeys(keys)).items():
         folder = model_dir / component
         if not folder.is_dir():
@@ -106,15 +105,38 @@ def read_tensors(model_dir: Path, keys: list[str], allow_pickle: bool = False,
             if primary_only and not weight_file.primary:
                 continue
             present = set(names).intersection(file_keys(weight_file.path))
-            if not present:
-                continue
-            if weight_file.path.suffix in PICKLE_SUFFIXES:
-                state = read_state(weight_file.path)
-                found.update({f"{component}/{n}": state[n] for n in present})
-            else:
-                with reading(weight_file.path), safe_open(str(weight_file.path), "pt") as handle:
-                    found.update({f"{component}/{n}": handle.get_tensor(n) for n in present})
+            if present:
+                yield component, weight_file.path, present
+
+
+def read_tensors(model_dir: Path, keys: list[str], allow_pickle: bool = False,
+                 primary_only: bool = True) -> dict[str, torch.Tensor]:
+    """The stored tensors for mask keys ``component/param`` from the primary weight files."""
+    found: dict[str, torch.Tensor] = {}
+    for component, path, present in _files_holding(model_dir, keys, allow_pickle, primary_only):
+        if path.suffix in PICKLE_SUFFIXES:
+            state = read_state(path)
+            found.update({f"{component}/{n}": state[n] for n in present})
+        else:
+            with reading(path), safe_open(str(path), "pt") as handle:
+                found.update({f"{component}/{n}": handle.get_tensor(n) for n in present})
     return found
+
+
+def stored_shapes(model_dir: Path, keys: list[str],
+                  allow_pickle: bool = False) -> dict[str, tuple[int, ...]]:
+    """The shapes of the stored tensors for mask keys, from the primary safetensors files'
+    headers alone (no weight is read; a pickled file is read whole)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for component, path, present in _files_holding(model_dir, keys, allow_pickle, True):
+        if path.suffix in PICKLE_SUFFIXES:
+            state = read_state(path)
+            shapes.update({f"{component}/{n}": tuple(state[n].shape) for n in present})
+        else:
+            with reading(path), safe_open(str(path), "pt") as handle:
+                shapes.update({f"{component}/{n}": tuple(handle.get_slice(n).get_shape())
+                               for n in present})
+    return shapes
 
 
 def zero_masked(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from memedit.artifacts import MANIFEST_FILE
 from memedit.cli import cli
 from memedit.errors import MemeditError
 from memedit.evaluation.attack import (
@@ -163,6 +164,51 @@ def test_sdxl_folder_without_its_second_text_encoder_is_refused(tmp_path, prompt
     assert result.exit_code == 2, result.output
     assert "has no text_encoder_2/ component" in result.output
     assert "Stable Diffusion XL" in result.output
+
+
+def test_sd1_subspace_into_sdxl_is_refused_before_anything_is_copied(tmp_path, prompt_files,
+                                                                      monkeypatch):
+    """The manifest records the family; bake compares it (and that every masked tensor exists
+    with the mask's shape) before copying the model. A subspace without the record (older
+    memedit) is still checked on keys and shapes, and still bakes into its own model."""
+    import memedit.baking
+
+    sd1 = save_tiny_pipeline(tmp_path / "sd1")
+    sdxl = save_tiny_pipeline(tmp_path / "sdxl", family="sdxl")
+    subspace = tmp_path / "subspace"
+    _cli("locate", "--model", sd1, "--memorized", prompt_files[0], "--out", subspace,
+         "--targets", "ff_out,text_mlp", *METHOD)
+    manifest = json.loads((subspace / MANIFEST_FILE).read_text())
+    assert manifest["model"]["family"] == "sd1"
+
+    def copy_tree(*args, **kwargs):
+        raise AssertionError("the model was copied before the check")
+
+    monkeypatch.setattr(memedit.baking, "_copy_tree", copy_tree)
+    bake = ["bake", "--model", str(sdxl), "--subspace", str(subspace), "--out",
+            str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, bake)
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    assert "Stable Diffusion 1.x" in result.output and "Stable Diffusion XL" in result.output
+    assert "Locate a subspace on this model" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sd1", "sdxl", "subspace"]
+
+    # Same family, another layout (no transformer blocks): the keys are checked before copying.
+    blockless = save_tiny_pipeline(tmp_path / "blockless", with_transformer_blocks=False)
+    bake[2] = str(blockless)
+    result = CliRunner().invoke(cli, bake)
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    assert "has no tensor unet/" in result.output
+
+    del manifest["model"]["family"]  # as memedit wrote subspaces before it recorded it
+    (subspace / MANIFEST_FILE).write_text(json.dumps(manifest))
+    result = CliRunner().invoke(cli, bake)  # keys and shapes are still checked first
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    assert "has no tensor unet/" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blockless", "sd1", "sdxl", "subspace"]
+    monkeypatch.undo()
+    _cli("bake", "--model", sd1, "--subspace", subspace, "--out", tmp_path / "baked")
+    assert (tmp_path / "baked" / "model_index.json").is_file()
 
 
 # ---------------------------------------------------------------------------- SDXL's parts
