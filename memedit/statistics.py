@@ -20,6 +20,22 @@ from memedit.outputs import Inputs, atomic_write_bytes, check_output, input_path
 FORMAT = "memedit-activation-stats"
 
 
+def _metadata_sorted(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its metadata keys in sorted order, so that the same
+    statistics give the same bytes: safetensors (0.8) writes them from a hash map, in a
+    different order each run, and has no option to sort them. The header is the same JSON
+    reordered (the same length, padding kept); tensors and their offsets are untouched."""
+    length = int.from_bytes(data[:8], "little")
+    text = data[8:8 + length].decode()
+    header = json.loads(text)
+    compact = {"separators": (",", ":"), "ensure_ascii": False}
+    if json.dumps(header, **compact) != text.rstrip(" "):
+        return data  # not the compact JSON safetensors writes: leave the file as it is
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    ordered = json.dumps(header, **compact).encode().ljust(length)
+    return data[:8] + ordered + data[8 + length:]
+
+
 @dataclass
 class ActivationStats:
     """Column sums of squares for one prompt set.
@@ -81,7 +97,8 @@ class ActivationStats:
             "prompt_sets": json.dumps(self.prompt_sets),
         }
         tensors = {key: value.detach().cpu().contiguous() for key, value in self.sumsq.items()}
-        atomic_write_bytes(path, save(tensors, metadata=metadata), overwrite, inputs)
+        atomic_write_bytes(path, _metadata_sorted(save(tensors, metadata=metadata)), overwrite,
+                           inputs)
         return path
 
     @classmethod

@@ -217,6 +217,8 @@ def test_two_process_locate_is_the_one_process_locate(tmp_path):
         assert tensors_one.keys() == tensors_two.keys()
         for key, value in tensors_one.items():  # bit for bit, not within a tolerance
             assert torch.equal(value.view(torch.int32), tensors_two[key].view(torch.int32))
+        assert (one_stats / f"{name}.stats.safetensors").read_bytes() == \
+            (two_stats / f"{name}.stats.safetensors").read_bytes()
     # Only the main process printed the summary, once.
     assert two_run.stdout.count('"subspace"') == one_run.stdout.count('"subspace"') == 1
     # The run's statistics still merge with another job's (here: one process on other prompts).
@@ -270,6 +272,27 @@ def test_two_process_evaluate_is_the_one_process_evaluate(tmp_path):
 
     assert reports[1][1] == reports[2][1]
     assert figures(reports[1][0]) == figures(reports[2][0])
+
+
+@pytest.mark.slow
+def test_two_process_attack_is_the_one_process_attack(tmp_path):
+    """The attack (prompt chunks and generations shared out) under the launcher: exit 0, the
+    table printed once, and the one-process report (the other process reads nothing back)."""
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"attack{processes}"
+        result = _run(processes, "attack", "--steps", "2", "--attack-steps", "1", "--pairs",
+                      "1", "--seeds", "1", "--out", out)
+        runs[processes] = (json.loads((out / "report.json").read_text()), result.stdout)
+
+    def figures(report: dict) -> dict:
+        report = dict(report)
+        for key in ("created", "seconds", "prompt_sets"):  # clock; control images' temp path
+            report.pop(key)
+        return report
+
+    assert runs[1][1] == runs[2][1] and runs[1][1].count("embedding attack:") == 1
+    assert figures(runs[1][0]) == figures(runs[2][0])
 
 
 def _children(parent: int) -> dict[int, dict[str, str]]:
@@ -370,3 +393,21 @@ def test_survivor_without_a_launcher_notices_the_dead_peer(tmp_path):
     assert survivor.returncode == 2, stderr[-3000:]
     assert "another process of this run failed" in stderr
     _assert_no_output(tmp_path)
+
+
+def test_saved_statistics_are_the_same_bytes_every_time(tmp_path):
+    """Jobs compare and merge statistics files: the same statistics, the same bytes (safetensors
+    writes metadata keys in a random order; memedit sorts them)."""
+    from memedit.statistics import ActivationStats
+
+    stats = ActivationStats({"unet/a": torch.arange(6.0).reshape(2, 3), "unet/b": torch.ones(1, 4)},
+                            3, {"model": "m", "é": [1, 2]}, [{"name": "p", "count": 3}])
+    files = [stats.save(tmp_path / f"{i}.stats.safetensors") for i in range(6)]
+    assert len({path.read_bytes() for path in files}) == 1
+    data = files[0].read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    loaded = ActivationStats.load(files[0])
+    assert (loaded.num_prompts, loaded.settings, loaded.prompt_sets) == \
+        (stats.num_prompts, stats.settings, stats.prompt_sets)
+    assert all(torch.equal(loaded.sumsq[key], value) for key, value in stats.sumsq.items())
