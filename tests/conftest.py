@@ -10,7 +10,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,30 @@ import torch
 from memedit.testing import build_tiny_pipeline, save_tiny_pipeline
 
 torch.set_num_threads(1)
+
+
+# Plain helpers, imported by the test files (``from conftest import ...``).
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (hidden files included), by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def write_prompts(folder: Path, name: str, count: int, seed: int) -> Path:
+    """A JSONL of ``count`` prompts, each with its own random 32x32 training image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        image = f"{name}{i}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / image)
+        rows.append({"prompt": f"the portrait of cat {i}", "image": image})
+    path = folder / f"{name}.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import write_prompts
 
 from memedit.errors import MemeditError
 from memedit.evaluation.attack import (
@@ -34,29 +35,14 @@ FAST = EvalSettings(sampling=SamplingConfig(steps=2, batch_size=4), seeds=(100,)
 FAST_ARGS = ["--attack-steps", "2", "--steps", "2", "--seeds", "1", "--quiet"]
 
 
-def _write_prompts(folder, name: str, count: int, seed: int):
-    """A JSONL of ``count`` prompts, each with its own random 32x32 training image."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(count):
-        image = f"{name}{i}.png"
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / image)
-        rows.append({"prompt": f"the portrait of cat {i}", "image": image})
-    path = folder / f"{name}.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
 @pytest.fixture()
 def memorized(tmp_path):
-    return read_prompts(_write_prompts(tmp_path, "mem", 2, seed=0))
+    return read_prompts(write_prompts(tmp_path, "mem", 2, seed=0))
 
 
 @pytest.fixture()
 def control(tmp_path):
-    return read_prompts(_write_prompts(tmp_path, "ctrl", 2, seed=1))
+    return read_prompts(write_prompts(tmp_path, "ctrl", 2, seed=1))
 
 
 def test_the_attack_lowers_the_denoising_loss(tiny_pipe, memorized):
@@ -175,8 +161,8 @@ def test_control_too_strong_is_flagged(tiny_pipe, memorized, control):
 
 
 def test_cli_writes_the_report(tiny_model_dir, tmp_path):
-    memorized = _write_prompts(tmp_path, "mem", 2, seed=0)
-    control = _write_prompts(tmp_path, "ctrl", 2, seed=1)
+    memorized = write_prompts(tmp_path, "mem", 2, seed=0)
+    control = write_prompts(tmp_path, "ctrl", 2, seed=1)
     out = tmp_path / "attack"
     result = CliRunner().invoke(attack_command, [
         "--model", str(tiny_model_dir), "--memorized", str(memorized), "--control",
@@ -192,7 +178,7 @@ def test_cli_writes_the_report(tiny_model_dir, tmp_path):
 
 
 def test_cli_without_control_says_so(tiny_model_dir, tmp_path):
-    memorized = _write_prompts(tmp_path, "mem", 1, seed=0)
+    memorized = write_prompts(tmp_path, "mem", 1, seed=0)
     result = CliRunner().invoke(attack_command, [
         "--model", str(tiny_model_dir), "--memorized", str(memorized), "--json",
         "--out", str(tmp_path / "attack"), *FAST_ARGS])
@@ -205,7 +191,7 @@ def test_cli_without_control_says_so(tiny_model_dir, tmp_path):
 def test_cli_bad_input_exits_2(tiny_model_dir, tmp_path):
     from memedit.cli import cli
 
-    memorized = _write_prompts(tmp_path, "mem", 1, seed=0)
+    memorized = write_prompts(tmp_path, "mem", 1, seed=0)
     for args, words in ((["--attack-steps", "0"], "at least one step"),
                         (["--lr", "0"], "learning rate"),
                         (["--checkpoints", "5", "--attack-steps", "2"], "outside"),

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import folder_digest
 from safetensors.torch import load_file
 
 import memedit
@@ -18,11 +17,6 @@ from memedit.sampling import SamplingConfig
 
 CONFIG = memedit.LocateConfig(k=0.05, tau=3, sampling=SamplingConfig(steps=5, batch_size=2))
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
-
-
-def folder_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

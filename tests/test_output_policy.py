@@ -9,7 +9,6 @@ SIGKILL at several points of bake and export, and the quiet console.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import folder_digest
 
 from memedit.cli import cli
 from memedit.outputs import MARKER_FILE
@@ -31,10 +31,7 @@ FAST = ["--steps", "4", "--tau", "2", "--k", "0.05"]
 MEMEDIT = [sys.executable, "-m", "memedit.cli"]
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (hidden files included), by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+snapshot = folder_digest  # sha256 of every file under a folder, hidden ones included
 
 
 def leftovers(root: Path) -> list[str]:

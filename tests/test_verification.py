@@ -7,7 +7,6 @@ message naming the cause, never a traceback, and leaves every input byte as it w
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import folder_digest
 from safetensors.torch import load_file, save_file
 
 import memedit
@@ -48,8 +48,7 @@ def expect(result, status: int, *needles: str) -> None:
 
 
 def snapshot(*folders: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    return {str(folder): folder_digest(folder) for folder in folders}
 
 
 @contextlib.contextmanager
