@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from memedit.errors import MemeditError
-from memedit.outputs import written_by_memedit
+from memedit.outputs import output_lock, written_by_memedit
 
 
 @dataclass(frozen=True)
@@ -65,22 +65,34 @@ def push_folder(folder: str | os.PathLike, push: HubPush) -> str:
     """Upload ``folder`` (a complete output memedit wrote) to ``push.repo_id``; returns its URL.
 
     The repository is created if it does not exist (private if asked); an existing one gets a
-    new commit with the folder's files.
+    new commit with the folder's files. The folder's lock is held during the upload: no
+    ``--overwrite`` run or ``--update-card`` changes it meanwhile. A failure of the hub (HTTP,
+    network: OSErrors, as a failure to write would be) is told as what it is, the folder
+    being complete.
     """
     from huggingface_hub import HfApi
 
     token = check_push(push)
-    folder = Path(folder)
-    if written_by_memedit(folder) is None:
-        raise MemeditError(f"{folder} was not written by memedit (it has no marker); memedit "
-                           "pushes only its own complete outputs.",
-                           "Push it yourself with `huggingface-cli upload` if you mean to.")
-    api = HfApi(token=token)
-    url = api.create_repo(push.repo_id, private=push.private, exist_ok=True,
-                          repo_type="model")
-    api.upload_folder(repo_id=push.repo_id, folder_path=folder, repo_type="model",
-                      commit_message="Upload a model written by memedit",
-                      ignore_patterns=[".memedit-*"])  # the output marker is local
+    folder = Path(folder).expanduser().resolve()  # the lock's path, as the writers take it
+    with output_lock(folder):
+        if written_by_memedit(folder) is None:
+            raise MemeditError(f"{folder} was not written by memedit (it has no marker); "
+                               "memedit pushes only its own complete outputs.",
+                               "Push it yourself with `huggingface-cli upload` if you mean to.")
+        try:
+            api = HfApi(token=token)
+            url = api.create_repo(push.repo_id, private=push.private, exist_ok=True,
+                                  repo_type="model")
+            api.upload_folder(repo_id=push.repo_id, folder_path=folder, repo_type="model",
+                              commit_message="Upload a model written by memedit",
+                              ignore_patterns=[".memedit-*"])  # the output marker is local
+        except (OSError, ValueError) as err:  # HfHubHTTPError, requests' errors are OSErrors
+            raise MemeditError(
+                f"{folder} was written and checked; pushing it to {push.repo_id} failed: "
+                f"{type(err).__name__}: {err}",
+                f"Check the network and the token's write access, then retry with "
+                f"`huggingface-cli upload {push.repo_id} {folder} . --exclude '.memedit-*'` "
+                f"(add --private for a new private repository).") from None
     return str(url)
 
 

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from memedit.artifacts import MANIFEST_FILE, MASKS_FILE, PROVENANCE_DIR, PROVENANCE_FILE
-from memedit.card import CARD_FILE, SOURCE_CARD
+from memedit.card import CARD_FILE, SOURCE_CARD, base_card
 from memedit.errors import MemeditError
 from memedit.loading import PICKLE_SUFFIXES, resolve_model
 from memedit.subspace import Subspace, model_identity
@@ -206,7 +206,12 @@ def _compare_with_original(report: Verification, sanitized: Path, source: Path,
         relative = path.relative_to(source)
         if not path.is_file() or relative.parts[0] == PROVENANCE_DIR:
             continue
-        # The original's card is kept unchanged beside the edited model's own card.
+        # The original's card is kept unchanged beside the edited model's own card (for an
+        # original memedit baked, its base model's card: the original's README.md is not kept).
+        if relative == Path(CARD_FILE):
+            path = base_card(source)
+            if not path.is_file():
+                continue
         twin = sanitized / (SOURCE_CARD if relative == Path(CARD_FILE) else relative)
         is_weight = path.suffix == ".safetensors" or path.suffix in PICKLE_SUFFIXES
         if not is_weight:

@@ -176,9 +176,13 @@ def test_push_uploads_the_complete_output(online, tiny_model_dir, subspace_dir, 
     assert {"README.md", "model_index.json", "memedit/subspace.json"} <= set(upload["files"])
 
 
-def test_push_folder_refuses_what_memedit_did_not_write(online, tiny_model_dir):
+def test_push_folder_refuses_what_memedit_did_not_write(online, tiny_model_dir, monkeypatch):
+    from huggingface_hub import HfApi
+
     from memedit.hub import push_folder
 
+    for method in ("create_repo", "upload_folder"):  # a broken refusal must not go online
+        monkeypatch.setattr(HfApi, method, lambda *a, **k: pytest.fail("reached the hub"))
     with pytest.raises(MemeditError, match="not written by memedit"):
         push_folder(tiny_model_dir, HubPush("me/x", token="t"))
     assert check_push(HubPush("me/x", token="t")) == "t"
@@ -214,3 +218,47 @@ def test_evaluation_commands_load_the_resolved_hub_model(hub, tmp_path):
                  "--steps", "2", "--seeds", "1", "--detector-steps", "1", "--json")
     assert [(call["name"], call["revision"]) for call in hub] == [("org/tiny", "v2")]
     assert json.loads(result.stdout)["model"] == "org/tiny"
+
+
+def test_a_failed_push_says_the_output_was_written(online, tiny_model_dir, subspace_dir,
+                                                   tmp_path, monkeypatch):
+    """The hub's errors are OSErrors: a failed push must not be told as "nothing was
+    written" (the model is complete, checked, and there); it says how to retry the upload."""
+    import requests
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from memedit.hub import push_folder
+
+    def unreachable(self, repo_id, **kwargs):
+        raise requests.ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    out = tmp_path / "out"
+    result = run("bake", "--model", tiny_model_dir, "--subspace", subspace_dir, "--out", out,
+                 "--push-to-hub", "me/sanitized", "--token", "t", code=2)
+    assert f"{out} was written and checked; pushing it to me/sanitized failed" in result.output
+    assert "ConnectionError" in result.output and "huggingface-cli upload me/sanitized" in \
+        result.output
+    assert "nothing was written" not in result.output and "internal error" not in result.output
+    assert memedit.verify_sanitized(out).ok
+
+    def refused(self, *, repo_id, folder_path, **kwargs):
+        raise HfHubHTTPError("403 Forbidden: you have no write access to me/sanitized")
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: f"hf.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", refused)
+    with pytest.raises(MemeditError, match="was written and checked; pushing it to me/sanitized "
+                                           "failed: HfHubHTTPError: 403 Forbidden"):
+        push_folder(out, HubPush("me/sanitized", token="t"))
+
+
+@pytest.mark.parametrize("command", ["evaluate", "attack"])
+def test_update_card_is_refused_before_a_hub_model_downloads(hub, command, tmp_path):
+    """--update-card cannot apply to a hub id: refused before --revision resolves (and
+    downloads) the model, not after."""
+    result = run(command, "--model", "org/tiny", "--revision", "v1", "--out", tmp_path / "out",
+                 "--update-card", code=2)
+    assert "will not update the card of" in result.output and "not a local folder" in \
+        result.output
+    assert hub == [] and not (tmp_path / "out").exists()

@@ -160,26 +160,35 @@ def _parsed(options: dict) -> dict:
                       "threshold": _floats(options["threshold"], "--threshold")}
 
 
-update_card_option = click.option(
-    "--update-card", is_flag=True,
-    help="Also put this run's table into the Results section of the model's card (README.md): "
-         "only for a model folder memedit baked; checked before the run.")
+def update_card_option(func):
+    """``--update-card``, refused before anything runs unless the model is a folder memedit
+    baked with a card it can update: put it above :func:`model_hub_options`, whose resolving
+    of a hub id downloads the model."""
+    @click.option("--update-card", is_flag=True,
+                  help="Also put this run's table into the Results section of the model's card "
+                       "(README.md): only for a model folder memedit baked; checked before the "
+                       "run.")
+    @functools.wraps(func)
+    def wrapper(*args, update_card: bool, **kwargs):
+        if update_card:
+            from memedit.card import check_card_updatable
 
+            if kwargs.get("k") is not None:
+                raise MemeditError("--update-card with --k: the edits a sweep measures are made "
+                                   "in memory, not the model folder's own.",
+                                   "Drop --k or --update-card.")
+            check_card_updatable(kwargs.get("model"))
+        return func(*args, update_card=update_card, **kwargs)
 
-def _check_update_card(model, ks=None) -> None:
-    """Refuse --update-card before the long work: only a baked model's own measurement."""
-    from memedit.card import check_card_updatable
-
-    if ks is not None:
-        raise MemeditError("--update-card with --k: the edits a sweep measures are made in "
-                           "memory, not the model folder's own.", "Drop --k or --update-card.")
-    check_card_updatable(model)
+    return wrapper
 
 
 def _update_card(model, out) -> None:
     from memedit.card import update_card
 
-    click.echo(f"Updated {update_card(model, out)}", err=True)
+    card = update_card(model, out)
+    if card is not None:  # None: not the main process of a launched run
+        click.echo(f"Updated {card}", err=True)
 
 
 def _print_evaluation(evaluation, as_json: bool) -> None:
@@ -197,8 +206,8 @@ def _print_evaluation(evaluation, as_json: bool) -> None:
                               "embedded test model.")
 @click.option("--baseline", help="The original model, evaluated side by side. Default for a "
                                  "model memedit baked: the original recorded at bake time.")
-@model_hub_options()
 @update_card_option
+@model_hub_options()
 @evaluation_options
 @sampling_options
 def evaluate_command(model, baseline, as_json, update_card, **options):
@@ -211,8 +220,6 @@ def evaluate_command(model, baseline, as_json, update_card, **options):
     """
     from memedit.evaluation.api import evaluate
 
-    if update_card:
-        _check_update_card(model, options["k"])
     evaluation = evaluate(model, baseline, **_parsed(options))
     _print_evaluation(evaluation, as_json)
     if update_card:
@@ -347,9 +354,9 @@ def _parsed_attack(options: dict) -> dict:
 
 
 @click.command(name="attack")
+@update_card_option
 @attack_options
 @model_hub_options()
-@update_card_option
 def attack_command(update_card: bool, **o):
     """Try to bring removed copies back: optimize each memorized prompt's text embedding
     towards its training image (the Finding Dori attack), every weight frozen.
@@ -361,8 +368,6 @@ def attack_command(update_card: bool, **o):
     from memedit.evaluation.api import attack
     from memedit.evaluation.report import report_json
 
-    if update_card:
-        _check_update_card(o["model"])
     attacked = attack(o["model"], **_parsed_attack(o))
     if o["as_json"]:
         click.echo(report_json(attacked.report).decode(), nl=False)
