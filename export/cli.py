@@ -164,8 +164,8 @@ def export_command(model, out, overwrite, subspace, opset, dtype, fp16, optimize
               help="The PyTorch pipeline it was exported from (default: recorded at export).")
 @click.option("--subspace", type=click.Path(exists=True, path_type=Path),
               help="Audit against this subspace (default: the copy stored at export).")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="ONNX Runtime execution provider.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+              default="auto", show_default=True, help="ONNX Runtime execution provider.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled (.bin/.ckpt) weights.")
 @_threshold_options
 def verify_onnx_command(onnx_dir, model, subspace, provider, allow_pickle, as_json, threads,
