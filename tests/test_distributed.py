@@ -232,6 +232,28 @@ def test_two_process_locate_is_the_one_process_locate(tmp_path):
     assert json.loads(_stats(merged)[0]["num_prompts"]) == 12
 
 
+@pytest.mark.slow
+def test_two_process_hardened_locate_and_bake_are_the_one_process_ones(tmp_path):
+    """Hardening's attack chunks are shared out as the attack's are (the same edit), and a
+    launched bake (main process only) writes the one-process model."""
+    hardened = [*LOCATE, "--harden-rounds", "1", "--attack-steps", "2"]
+    for processes in (1, 2):
+        _run(processes, "locate", *hardened, "--out", tmp_path / f"subspace{processes}")
+        _run(processes, "bake", "--subspace", tmp_path / "subspace1", "--out",
+             tmp_path / f"baked{processes}")
+    one, two = (json.loads((tmp_path / f"subspace{n}" / "subspace.json").read_text())
+                for n in (1, 2))
+    assert one["hardening"] == two["hardening"] and one["layers"] == two["layers"]
+    assert (tmp_path / "subspace1" / "masks.safetensors").read_bytes() == \
+        (tmp_path / "subspace2" / "masks.safetensors").read_bytes()
+    weights = sorted(p.relative_to(tmp_path / "baked1")
+                     for p in (tmp_path / "baked1").rglob("*.safetensors"))
+    assert weights
+    for path in weights:
+        assert (tmp_path / "baked1" / path).read_bytes() == \
+            (tmp_path / "baked2" / path).read_bytes()
+
+
 def _small_prompt_sets(tmp_path: Path) -> list[str]:
     """A few memorized prompts (training-image paths made absolute) and ordinary ones."""
     def head(name: str, count: int) -> Path:
