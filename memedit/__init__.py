@@ -13,7 +13,7 @@ from memedit.baking import BakeResult, bake
 from memedit.calibration import CalibrationConfig, calibrate
 from memedit.compare import compare, compare_subspaces
 from memedit.errors import MemeditError
-from memedit.evaluation.api import EvaluationReport, attack, detect, evaluate, sweep
+from memedit.evaluation.api import AttackReport, EvaluationReport, attack, detect, evaluate, sweep
 from memedit.evaluation.attack import AttackConfig
 from memedit.inspection import inspect, verify_sanitized
 from memedit.loading import load_pipeline, resolve_model
@@ -32,6 +32,7 @@ from memedit.subspace import Subspace, apply_subspace
 __all__ = [
     "ActivationStats",
     "AttackConfig",
+    "AttackReport",
     "BakeResult",
     "CalibrationConfig",
     "EvaluationReport",
