@@ -41,8 +41,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     from memedit import distributed
-    from memedit.evaluation.detector import DetectorConfig
-    from memedit.evaluation.harness import noise_magnitudes
+    from memedit.evaluation.detector import DetectorConfig, noise_magnitudes
     from memedit.loading import load_pipeline
     from memedit.locate import LocateConfig, record_statistics
     from memedit.prompts import PromptSet, read_prompts
