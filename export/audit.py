@@ -134,14 +134,21 @@ def _scalar(tensor: onnx.TensorProto | None) -> float | None:
     return float(numpy_helper.to_array(tensor).reshape(-1)[0])
 
 
+def read_structure(model_path: Path) -> onnx.ModelProto:
+    """An ONNX file's graph without its external weights; a corrupt file is a MemeditError."""
+    try:
+        return onnx.load(str(model_path), load_external_data=False)
+    except DecodeError as err:
+        raise MemeditError(f"{model_path} is not a readable ONNX model ({err}).",
+                           "Export the model again (`memedit export --onnx`), or check the "
+                           f"folder with `memedit verify-onnx {model_path.parent.parent}`."
+                           ) from None
+
+
 def iter_initializers(model_path: Path) -> Iterator[Initializer]:
     """Float initializers, int8 weights with their scale, and Constant-node tensors of an
     ONNX file, without loading weights."""
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except DecodeError as err:
-        raise MemeditError(f"{model_path} is not a readable ONNX model ({err}).",
-                           "Export the model again (`memedit export --onnx`).") from None
+    model = read_structure(model_path)
     base = model_path.parent
     by_name = {tensor.name: tensor for tensor in model.graph.initializer}
     for tensor in model.graph.initializer:

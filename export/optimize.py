@@ -96,11 +96,11 @@ CUDA_ONLY_OPS = frozenset({"NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitG
 
 def cuda_only_ops(folder: Path) -> dict[str, list[str]]:
     """Per component of an export folder, the CUDA-only operators its graph uses."""
-    import onnx
+    from .audit import read_structure
 
     found = {}
     for path in sorted(folder.glob("*/model.onnx")):
-        graph = onnx.load(str(path), load_external_data=False).graph
+        graph = read_structure(path).graph
         ops = sorted({node.op_type for node in graph.node} & CUDA_ONLY_OPS)
         if ops:
             found[path.parent.name] = ops
