@@ -10,8 +10,6 @@ sanitization is not verifiable (no subspace, or its provenance or hashes are mis
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -229,50 +227,12 @@ def generate_command(prompts, onnx_dir, model, out, overwrite, seed, num_images,
     An export whose record (memedit/onnx_export.json) is missing or shows no passed
     sanitization audit runs with a warning; `memedit verify-onnx` checks it.
     """
-    from PIL import Image
+    from memedit.generation import generate
 
-    from memedit.outputs import atomic_write_bytes, check_output
-    from memedit.sampling import SamplingConfig, generate_images
-
-    all_prompts = [p for p in prompts for _ in range(num_images)]
-    config = SamplingConfig(steps=steps, guidance_scale=guidance_scale, seed=seed,
-                            batch_size=batch_size or len(all_prompts), height=height,
-                            width=width)
-    seeds = [seed + i for _ in prompts for i in range(num_images)]
-    paths = ([out] if len(all_prompts) == 1 else
-             [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
-              for i in range(len(all_prompts))])
-    if static_shapes and len(all_prompts) % config.batch_size:
-        from memedit.errors import MemeditError
-
-        raise MemeditError(f"--static-shapes fixes the batch at {config.batch_size}, but "
-                           f"{len(all_prompts)} images do not split into such batches.",
-                           "Pick a --batch-size that divides prompts x --num-images.")
-    read = [onnx_dir, model]
-    for path in paths:  # refuse before the slow part
-        check_output(path, overwrite, read, kind="file")
-    running = contextlib.nullcontext()
-    if onnx_dir is not None:
-        from .runtime import audit_warning, load_ort_pipeline, ort_failures, session_settings
-
-        settings = session_settings(onnx_dir, config, threads, provider_option,
-                                    trt_engine_cache, graph_optimization, io_binding,
-                                    static_shapes)
-        warning = audit_warning(onnx_dir)
-        if warning is not None:
-            click.echo(f"Warning: {warning}", err=True)
-        pipe, choice = load_ort_pipeline(onnx_dir, provider, settings=settings)
-        click.echo(f"ONNX Runtime on {choice.label}: {choice.reason}", err=True)
-        running = ort_failures(onnx_dir)
-    else:
-        from memedit.loading import load_pipeline
-
-        pipe, source = load_pipeline(model)
-        click.echo(f"PyTorch on {pipe.device}: {source.spec}", err=True)
-    with running:
-        images = generate_images(pipe, all_prompts, seeds, config)
-    for path, image, prompt, image_seed in zip(paths, images, all_prompts, seeds, strict=True):
-        buffer = io.BytesIO()
-        Image.fromarray((image * 255).round().clip(0, 255).astype("uint8")).save(buffer, "PNG")
-        atomic_write_bytes(path, buffer.getvalue(), overwrite, read)
-        click.echo(f"{path}  seed {image_seed}  {prompt!r}")
+    result = generate(prompts, out, onnx_dir, model, overwrite, seed, num_images, steps,
+                      guidance_scale, height, width, batch_size, provider, threads,
+                      provider_option, trt_engine_cache, graph_optimization, io_binding,
+                      static_shapes)
+    click.echo(result.runtime, err=True)
+    for image in result.images:
+        click.echo(f"{image.path}  seed {image.seed}  {image.prompt!r}")

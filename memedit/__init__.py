@@ -15,6 +15,7 @@ from memedit.compare import compare, compare_subspaces
 from memedit.errors import MemeditError
 from memedit.evaluation.api import AttackReport, EvaluationReport, attack, detect, evaluate, sweep
 from memedit.evaluation.attack import AttackConfig
+from memedit.generation import GenerateResult, generate
 from memedit.inspection import inspect, verify_sanitized
 from memedit.loading import load_pipeline, resolve_model
 from memedit.locate import (
@@ -36,6 +37,7 @@ __all__ = [
     "BakeResult",
     "CalibrationConfig",
     "EvaluationReport",
+    "GenerateResult",
     "LocateConfig",
     "MemeditError",
     "PromptSet",
@@ -51,6 +53,7 @@ __all__ = [
     "detect",
     "empty_reference",
     "evaluate",
+    "generate",
     "inspect",
     "load_pipeline",
     "locate",

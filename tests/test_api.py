@@ -227,3 +227,30 @@ def test_hardened_locate_reads_the_targeted_weights_once(monkeypatch, tiny_model
                               hardening=hardening, progress=False)
     assert [r["round"] for r in hardened.manifest["hardening"]["rounds_run"]] == [1, 2]
     assert counter.per_tensor(hardened.masks) == Counter({key: 1 for key in hardened.masks})
+
+
+def test_generate_equals_the_command(tmp_path, tiny_model_dir):
+    """memedit.generate writes the PNGs the command writes, named after --out."""
+    run("generate", "--model", tiny_model_dir, "a red cat", "a blue dog", "--num-images", "2",
+        "--steps", "2", "--out", tmp_path / "cli" / "img.png")
+    result = memedit.generate(["a red cat", "a blue dog"], out=tmp_path / "api" / "img.png",
+                              model=tiny_model_dir, num_images=2, steps=2)
+    assert [(image.prompt, image.seed) for image in result.images] == [
+        ("a red cat", 0), ("a red cat", 1), ("a blue dog", 0), ("a blue dog", 1)]
+    assert [image.path.name for image in result.images] == [f"img-{i}.png" for i in range(4)]
+    for image in result.images:
+        assert image.path.read_bytes() == (tmp_path / "cli" / image.path.name).read_bytes()
+    assert result.pixels.shape[0] == 4
+
+
+def test_generate_names_its_files_png(tmp_path, tiny_model_dir):
+    """An --out without a suffix gets .png; another suffix is refused before the model loads,
+    and nothing is written."""
+    result = memedit.generate(["a red cat"], out=tmp_path / "picture", model=tiny_model_dir,
+                              steps=1)
+    assert [image.path.name for image in result.images] == ["picture.png"]
+    refused = CliRunner().invoke(cli, ["generate", "--model", str(tiny_model_dir), "a red cat",
+                                       "--steps", "1", "--out", str(tmp_path / "x.jpg")])
+    assert refused.exit_code == 2, refused.output
+    assert "does not end in .png" in refused.output and "x.png" in refused.output
+    assert not (tmp_path / "x.jpg").exists()
