@@ -309,12 +309,16 @@ def test_two_process_attack_is_the_one_process_attack(tmp_path):
 
     def figures(report: dict) -> dict:
         report = dict(report)
-        for key in ("created", "seconds", "prompt_sets"):  # clock; control images' temp path
+        for key in ("created", "seconds", "prompt_sets"):  # clock; each run's own --out
             report.pop(key)
         return report
 
     assert runs[1][1] == runs[2][1] and runs[1][1].count("embedding attack:") == 1
     assert figures(runs[1][0]) == figures(runs[2][0])
+    for processes, (report, _) in runs.items():  # the control images where they ended up
+        source = Path(report["prompt_sets"]["control"]["source"])
+        assert source == tmp_path / f"attack{processes}" / "control_images"
+        assert len(list(source.glob("*.png"))) == report["prompt_sets"]["control"]["count"]
 
 
 def _children(parent: int) -> dict[int, dict[str, str]]:

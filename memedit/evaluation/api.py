@@ -500,7 +500,11 @@ def attack(model: PathLike | None = None, **options) -> AttackReport:
             folder = stack.enter_context(atomic_output_dir(o.out, o.overwrite,
                                                            [*inputs, *images], "attack"))
         if control is None and embedded:
-            control = attacks.testbed_control(memorized, folder / "control_images")
+            # Drawn into the output being written; the report names where they end up.
+            control = attacks.testbed_control(
+                memorized, folder / "control_images",
+                "drawn in memory (no --out)" if o.out is None
+                else str(Path(o.out) / "control_images"))
         result = attacks.attack(pipe, memorized, config, settings, control, start, sscd)
         data = (attacks.build_report(result, context) if o.out is None
                 else attacks.write_outputs(result, folder, context))

@@ -448,11 +448,13 @@ def attack(pipe, memorized: PromptSet, config: AttackConfig | None = None,
 # ---------------------------------------------------------------------------- controls
 
 
-def testbed_control(memorized: PromptSet, folder: Path) -> PromptSet | None:
+def testbed_control(memorized: PromptSet, folder: Path,
+                    source: str | None = None) -> PromptSet | None:
     """The embedded model's control: each memorized caption with the same scene drawn over a
     background it never trained on (``scenes.memorized_images(seed=999)``), written as PNGs
     into ``folder``. Prompts that are not the embedded model's memorized captions get none;
-    ``None`` when none is one."""
+    ``None`` when none is one. ``source`` is where the images will be for the report (the
+    final output, when ``folder`` is the output's folder still being written)."""
     from memedit.testbed import scenes
 
     images = scenes.memorized_images(seed=999)
@@ -469,7 +471,7 @@ def testbed_control(memorized: PromptSet, folder: Path) -> PromptSet | None:
     if not records:
         return None
     return PromptSet(f"{memorized.name} (control: never-trained backgrounds)", tuple(records),
-                     str(folder))
+                     source or str(folder))
 
 
 # ---------------------------------------------------------------------------- summaries
