@@ -346,3 +346,23 @@ def test_update_card_writes_only_on_the_main_process(baked, tmp_path, monkeypatc
     monkeypatch.setattr(distributed, "_state", distributed.ProcessState())
     assert update_card(model, report) == model.resolve() / "README.md"
     assert "| prompt | copied |" in (model / "README.md").read_text()
+
+
+def test_the_api_updates_the_card_as_the_command_does(baked, tmp_path):
+    """memedit.evaluate(..., update_card=True) is `evaluate --update-card`; without a report
+    folder, or with k, it is refused before any work."""
+    _, out, _ = baked
+    model = tmp_path / "model"
+    shutil.copytree(out, model)
+    memorized = write_prompts(tmp_path, "mem", 2, seed=0)
+    for call, options in ((memedit.evaluate, {}), (memedit.attack, {}),
+                          (memedit.evaluate, {"k": (0.05,), "out": tmp_path / "k"})):
+        with pytest.raises(MemeditError, match="Pass --out|with --k"):
+            call(model, memorized=memorized, update_card=True, **options)
+    assert not (tmp_path / "k").exists()
+    evaluation = memedit.evaluate(model, memorized=memorized, ordinary=memorized,
+                                  out=tmp_path / "eval", update_card=True, steps=2, seeds=1,
+                                  detector_steps=1, ordinary_seeds=1, controls="none",
+                                  quiet=True)
+    assert evaluation.card == model.resolve() / "README.md"
+    assert evaluation.table.strip() in ModelCard.load(evaluation.card).text

@@ -78,6 +78,7 @@ class ScoringOptions(GenerationOptions):
 
     out: PathLike | None = None  # the report's folder
     overwrite: bool = False
+    update_card: bool = False  # also put the table into the model's card (a model memedit baked)
     memorized: PathLike | None = None  # prompts with their training images
     measure: str = "auto"
     sscd: PathLike | None = None
@@ -189,6 +190,7 @@ class EvaluationReport:
     table: str
     result: EvaluationResult = field(repr=False)
     out: Path | None = None
+    card: Path | None = None  # the model card updated (``update_card``)
 
 
 @dataclass
@@ -199,6 +201,7 @@ class AttackReport:
     report: dict
     table: str
     out: Path | None = None
+    card: Path | None = None  # the model card updated (``update_card``)
 
 
 def seed_range(count: int, start: int) -> tuple[int, ...]:
@@ -261,6 +264,30 @@ def _other_edit(path, baseline_source):
     return subspace
 
 
+def check_update_card(model, out: PathLike | None, k: Sequence[float] | None = None) -> None:
+    """Refuse ``update_card`` before any work where it cannot be done: the card takes the
+    report written to ``out``, of a model folder memedit baked, not of in-memory edits."""
+    from memedit.card import check_card_updatable
+
+    if k is not None:
+        raise MemeditError("--update-card with --k: the edits a sweep measures are made in "
+                           "memory, not the model folder's own.", "Drop --k or --update-card.")
+    if out is None:
+        raise MemeditError("--update-card puts the report into the model's card, but no report "
+                           "folder is written.", "Pass --out REPORT_FOLDER.")
+    check_card_updatable(model)
+
+
+def _card(model, options: ScoringOptions, out: Path | None) -> Path | None:
+    """The card updated with the report in ``out`` (None: not asked, or not the main
+    process of a launched run)."""
+    if not options.update_card:
+        return None
+    from memedit.card import update_card
+
+    return update_card(model, out)
+
+
 def evaluate(model: PathLike | None = None, baseline: PathLike | None = None,
              **options) -> EvaluationReport:
     """Measure memorization before and after an edit, as ``memedit evaluate`` does.
@@ -268,9 +295,14 @@ def evaluate(model: PathLike | None = None, baseline: PathLike | None = None,
     ``model`` is the sanitized model (with ``k``: the original), ``baseline`` the original
     (default for a model memedit baked: the original recorded at bake time). ``options`` are
     :class:`EvaluationOptions`; with ``out`` the report is written there as the command
-    writes it.
+    writes it, and with ``update_card`` its table goes into the model's card too.
     """
-    return _run(model, baseline, EvaluationOptions(**options), sweep_mode=False)
+    options = EvaluationOptions(**options)
+    if options.update_card:
+        check_update_card(model, options.out, options.k)
+    evaluation = _run(model, baseline, options, sweep_mode=False)
+    evaluation.card = _card(model, options, evaluation.out)
+    return evaluation
 
 
 def sweep(model: PathLike | None = None, **options) -> EvaluationReport:
@@ -466,6 +498,8 @@ def attack(model: PathLike | None = None, **options) -> AttackReport:
     from memedit.prompts import read_prompts
 
     o = AttackOptions(**options)
+    if o.update_card:
+        check_update_card(model, o.out)
     config = attacks.AttackConfig(
         lr=o.lr, steps=o.attack_steps, pairs=o.pairs,
         checkpoints=None if o.checkpoints is None else tuple(o.checkpoints), start=o.start,
@@ -509,6 +543,7 @@ def attack(model: PathLike | None = None, **options) -> AttackReport:
         data = (attacks.build_report(result, context) if o.out is None
                 else attacks.write_outputs(result, folder, context))
     # The report as report.json holds it (non-finite numbers are null there).
-    return AttackReport(json.loads(report_json(data)), attacks.table(result),
-                        None if o.out is None else Path(o.out))
+    out = None if o.out is None else Path(o.out)
+    return AttackReport(json.loads(report_json(data)), attacks.table(result), out,
+                        _card(model, o, out))
 

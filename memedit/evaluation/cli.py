@@ -171,24 +171,17 @@ def update_card_option(func):
     @functools.wraps(func)
     def wrapper(*args, update_card: bool, **kwargs):
         if update_card:
-            from memedit.card import check_card_updatable
+            from memedit.evaluation.api import check_update_card
 
-            if kwargs.get("k") is not None:
-                raise MemeditError("--update-card with --k: the edits a sweep measures are made "
-                                   "in memory, not the model folder's own.",
-                                   "Drop --k or --update-card.")
-            check_card_updatable(kwargs.get("model"))
+            check_update_card(kwargs.get("model"), kwargs.get("out"), kwargs.get("k"))
         return func(*args, update_card=update_card, **kwargs)
 
     return wrapper
 
 
-def _update_card(model, out) -> None:
-    from memedit.card import update_card
-
-    card = update_card(model, out)
-    if card is not None:  # None: not the main process of a launched run
-        click.echo(f"Updated {card}", err=True)
+def _report_card(report) -> None:
+    if report.card is not None:  # None: not asked, or not the main process of a launched run
+        click.echo(f"Updated {report.card}", err=True)
 
 
 def _print_evaluation(evaluation, as_json: bool) -> None:
@@ -220,10 +213,9 @@ def evaluate_command(model, baseline, as_json, update_card, **options):
     """
     from memedit.evaluation.api import evaluate
 
-    evaluation = evaluate(model, baseline, **_parsed(options))
+    evaluation = evaluate(model, baseline, update_card=update_card, **_parsed(options))
     _print_evaluation(evaluation, as_json)
-    if update_card:
-        _update_card(model, evaluation.out)
+    _report_card(evaluation)
 
 
 @click.command(name="sweep")
@@ -368,11 +360,10 @@ def attack_command(update_card: bool, **o):
     from memedit.evaluation.api import attack
     from memedit.evaluation.report import report_json
 
-    attacked = attack(o["model"], **_parsed_attack(o))
+    attacked = attack(o["model"], update_card=update_card, **_parsed_attack(o))
     if o["as_json"]:
         click.echo(report_json(attacked.report).decode(), nl=False)
     else:
         click.echo(attacked.table)
     click.echo(f"Wrote {o['out']}/report.json", err=True)
-    if update_card:
-        _update_card(o["model"], o["out"])
+    _report_card(attacked)
