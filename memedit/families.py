@@ -165,23 +165,28 @@ def family_of(pipe) -> Family:
 def family_of_folder(folder: str | Path) -> Family:
     """The family of a saved pipeline folder, from its ``model_index.json`` and UNet config."""
     folder = Path(folder)
-    index = _read_json_object(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     config_path = folder / "unet" / "config.json"
-    config = _read_json_object(config_path) if config_path.is_file() else {}
+    config = read_json_object(config_path) if config_path.is_file() else {}
     name = str(index.get("_class_name", "(no _class_name)"))
     return _match([name], config, str(folder))
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A pipeline folder's JSON file (model_index.json, a config) that must hold an object;
+    anything else is a MemeditError naming the file."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # ValueError: not JSON, or bytes that are not UTF-8
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
         raise MemeditError(f"Cannot read {path}: {err}",
-                           "Pass the pipeline folder that `save_pretrained` wrote, with its "
-                           "model_index.json and unet/config.json intact.") from None
+                           "Pass the pipeline folder that `save_pretrained` wrote.") from None
+    except ValueError as err:  # not JSON, or bytes that are not UTF-8
+        raise MemeditError(f"{path} is not valid JSON ({err}).",
+                           "Restore the file from the model's original copy (diffusers "
+                           "writes it with save_pretrained).") from None
     if not isinstance(value, dict):
-        raise MemeditError(f"{path} is not a JSON object.",
-                           "Pass the pipeline folder that `save_pretrained` wrote.")
+        raise MemeditError(f"{path} holds a JSON {type(value).__name__}, not an object.",
+                           "Restore the file from the model's original copy.")
     return value
 
 

@@ -6,7 +6,6 @@ Weights are read with safetensors only, unless the user opts into pickled checkp
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 
 from memedit.errors import MemeditError
-from memedit.families import family_of_folder
+from memedit.families import family_of_folder, read_json_object
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -43,16 +42,7 @@ class ModelSource:
     @property
     def components(self) -> dict[str, list]:
         """The ``model_index.json`` entries that name a (library, class) component."""
-        path = self.path / "model_index.json"
-        try:
-            index = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MemeditError(f"{path} is not valid JSON ({err}).",
-                               "Restore the file from the model's original copy (diffusers "
-                               "writes it with save_pretrained).") from None
-        if not isinstance(index, dict):
-            raise MemeditError(f"{path} holds a JSON {type(index).__name__}, not an object.",
-                               "Restore the file from the model's original copy.")
+        index = read_json_object(self.path / "model_index.json")
         return {k: v for k, v in index.items()
                 if isinstance(v, list) and len(v) == 2 and v[0] is not None}
 

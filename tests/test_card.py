@@ -357,7 +357,7 @@ def test_the_api_updates_the_card_as_the_command_does(baked, tmp_path):
     memorized = write_prompts(tmp_path, "mem", 2, seed=0)
     for call, options in ((memedit.evaluate, {}), (memedit.attack, {}),
                           (memedit.evaluate, {"k": (0.05,), "out": tmp_path / "k"})):
-        with pytest.raises(MemeditError, match="Pass --out|with --k"):
+        with pytest.raises(MemeditError, match=r"Pass --out|with --k"):
             call(model, memorized=memorized, update_card=True, **options)
     assert not (tmp_path / "k").exists()
     evaluation = memedit.evaluate(model, memorized=memorized, ordinary=memorized,
