@@ -270,3 +270,25 @@ def build_sd1_shaped_pipeline(seed: int = 0):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_sanitized(pipe, masks: dict[str, torch.Tensor], folder: str | Path) -> Path:
+    """Zero ``masks`` in ``pipe`` and save it to ``folder`` as ``memedit bake`` writes a model:
+    the subspace in ``memedit/``, with the tensors' hashes before and after and the counts that
+    verification ties the weights (and an ONNX export's audit) to. For tests and benchmarks
+    that need a sanitized model without locating one."""
+    from memedit.subspace import Subspace, apply_subspace, parameter
+    from memedit.weights import tensor_sha256
+
+    subspace = Subspace(masks, {"format": "memedit-subspace", "format_version": 1})
+    before = {key: tensor_sha256(parameter(pipe, key).detach()) for key in masks}
+    apply_subspace(pipe, subspace)
+    subspace.manifest |= {
+        "model": {"tensors": {key: {"sha256_before": before[key],
+                                    "sha256_after": tensor_sha256(parameter(pipe, key).detach())}
+                              for key in masks}},
+        "layers": subspace.layer_counts(), "total": subspace.totals()}
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    subspace.write_into(folder / "memedit")
+    return folder

@@ -20,7 +20,7 @@ from memedit.export.parity import ParityInputs, Thresholds
 from memedit.export.runtime import load_ort_pipeline
 from memedit.sampling import SamplingConfig, generate_images
 from memedit.subspace import Subspace
-from memedit.testing import build_tiny_pipeline
+from memedit.testing import build_tiny_pipeline, save_sanitized
 
 # The TorchScript exporter's tracer warnings are expected noise here.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -47,25 +47,7 @@ def sanitized_model_dir(tmp_path_factory):
     """A tiny model with its masked weights zeroed and the subspace stored in memedit/,
     as `memedit bake` writes it."""
     pipe = build_tiny_pipeline()
-    masks = ffn_masks(pipe)
-    from memedit.export.audit import pipeline_params
-    from memedit.subspace import apply_subspace
-    from memedit.weights import tensor_sha256
-
-    subspace = Subspace(masks, {"format": "memedit-subspace", "format_version": 1})
-    params = pipeline_params(pipe, masks)
-    before = {key: tensor_sha256(param) for key, param in params.items()}
-    apply_subspace(pipe, subspace)
-    # The records verify-onnx ties its audit to: hashes before/after zeroing and the counts.
-    subspace.manifest |= {
-        "model": {"tensors": {key: {"sha256_before": before[key],
-                                    "sha256_after": tensor_sha256(param)}
-                              for key, param in params.items()}},
-        "layers": subspace.layer_counts(), "total": subspace.totals()}
-    folder = tmp_path_factory.mktemp("sanitized") / "model"
-    pipe.save_pretrained(folder, safe_serialization=True)
-    subspace.write_into(folder / "memedit")
-    return folder
+    return save_sanitized(pipe, ffn_masks(pipe), tmp_path_factory.mktemp("sanitized") / "model")
 
 
 @pytest.fixture(scope="module")

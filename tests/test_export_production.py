@@ -20,7 +20,6 @@ from onnx import numpy_helper
 from memedit.cli import cli
 from memedit.errors import MemeditError
 from memedit.export.api import export_onnx
-from memedit.export.audit import pipeline_params
 from memedit.export.onnx import ExportOptions, read_record
 from memedit.export.parity import DTYPE_THRESHOLDS, ParityInputs
 from memedit.export.runtime import (
@@ -31,9 +30,8 @@ from memedit.export.runtime import (
     load_ort_pipeline,
 )
 from memedit.sampling import SamplingConfig
-from memedit.subspace import Subspace, apply_subspace
-from memedit.testing import build_tiny_pipeline
-from memedit.weights import tensor_sha256
+from memedit.subspace import Subspace
+from memedit.testing import build_tiny_pipeline, save_sanitized
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -55,19 +53,7 @@ def _sanitized(folder, masks_of, pipe=None) -> object:
     """A model (default: the tiny one) zeroed with ``masks_of(pipe)``, its subspace (with the
     manifest's hashes) in memedit/, as `memedit bake` writes it."""
     pipe = pipe or build_tiny_pipeline()
-    masks = masks_of(pipe)
-    subspace = Subspace(masks, {"format": "memedit-subspace", "format_version": 1})
-    params = pipeline_params(pipe, masks)
-    before = {key: tensor_sha256(param) for key, param in params.items()}
-    apply_subspace(pipe, subspace)
-    subspace.manifest |= {
-        "model": {"tensors": {key: {"sha256_before": before[key],
-                                    "sha256_after": tensor_sha256(param)}
-                              for key, param in params.items()}},
-        "layers": subspace.layer_counts(), "total": subspace.totals()}
-    pipe.save_pretrained(folder, safe_serialization=True)
-    subspace.write_into(folder / "memedit")
-    return folder
+    return save_sanitized(pipe, masks_of(pipe), folder)
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
-def _median(fn, repeats: int) -> tuple[float, float]:
+def first_and_median(fn, repeats: int) -> tuple[float, float]:
     """Seconds of the first call (warm-up, with any compilation) and median of the rest."""
     start = time.perf_counter()
     fn()
@@ -170,7 +170,7 @@ def run_embedded(model: str, onnx_dir: str | None, variant: str, threads: int, s
             return np.asarray(pipe.unet(sample=sample, timestep=timestep,
                                         encoder_hidden_states=hidden).sample)
     sample, timestep, hidden = _unet_inputs(config)
-    first, figures["unet_step_s"] = _median(unet, repeats)
+    first, figures["unet_step_s"] = first_and_median(unet, repeats)
     figures["first_call_s"] = round(first, 3)
     out = unet()
     if variant == "torch-eager":
@@ -182,7 +182,7 @@ def run_embedded(model: str, onnx_dir: str | None, variant: str, threads: int, s
         with torch.no_grad():
             pipe(["a photo of a red cat"], num_inference_steps=steps, output_type="np",
                  generator=torch.Generator().manual_seed(0))
-    _, figures["generation_s"] = _median(generation, max(1, repeats // 2))
+    _, figures["generation_s"] = first_and_median(generation, max(1, repeats // 2))
     return figures
 
 
@@ -241,7 +241,7 @@ def full_torch(variant: str, threads: int, repeats: int, work: str) -> dict:
     def step():
         with torch.no_grad():
             return unet(sample, timestep, hidden).sample.numpy()
-    first, median = _median(step, repeats)
+    first, median = first_and_median(step, repeats)
     if variant == "torch-eager":
         np.save(Path(work) / "reference.npy", step())
     return {"unet_step_s": median, "first_call_s": round(first, 2)}
@@ -302,7 +302,7 @@ def full_ort(variant: str, threads: int, repeats: int, work: str) -> dict:
     sample, timestep, hidden = _unet_inputs(SD1_UNET_CONFIG)
     feeds = {"sample": sample.numpy(), "timestep": timestep.numpy().astype(np.float32),
              "encoder_hidden_states": hidden.numpy()}
-    first, median = _median(lambda: session.run(None, feeds), repeats)
+    first, median = first_and_median(lambda: session.run(None, feeds), repeats)
     (out,) = session.run(None, feeds)
     reference = np.load(Path(work) / "reference.npy")
     return {"load_s": round(load, 1), "unet_step_s": median, "first_call_s": round(first, 2),

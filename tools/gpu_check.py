@@ -29,10 +29,11 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import time
 import traceback
 from pathlib import Path
+
+from bench_export import first_and_median  # tools/ is on sys.path when run as a script
 
 VARIANTS = {  # name -> ExportOptions keywords
     "fp16": {"dtype": "fp16"},
@@ -41,46 +42,18 @@ VARIANTS = {  # name -> ExportOptions keywords
 }
 
 
-def _median(fn, repeats: int) -> tuple[float, float]:
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
-
-
 def build_model(work: Path, dry_run: bool, fraction: float = 0.01) -> Path:
     """The sanitized pipeline folder (SD 1.x-shaped, or tiny for a dry run)."""
     import torch
 
-    from memedit.export.audit import pipeline_params
-    from memedit.subspace import Subspace, apply_subspace
-    from memedit.testing import build_sd1_shaped_pipeline, build_tiny_pipeline
-    from memedit.weights import tensor_sha256
+    from memedit.testing import build_sd1_shaped_pipeline, build_tiny_pipeline, save_sanitized
 
     pipe = build_tiny_pipeline() if dry_run else build_sd1_shaped_pipeline()
     gen = torch.Generator().manual_seed(1)
     targets = ("ff.net.2.weight", "attn2.to_k.weight", "attn2.to_v.weight")
     masks = {f"unet/{name}": torch.rand(p.shape, generator=gen) < fraction
              for name, p in pipe.unet.named_parameters() if name.endswith(targets)}
-    subspace = Subspace(masks, {"format": "memedit-subspace", "format_version": 1})
-    params = pipeline_params(pipe, masks)
-    before = {key: tensor_sha256(param) for key, param in params.items()}
-    apply_subspace(pipe, subspace)
-    # The manifest's records the audit ties the PyTorch tensors to, as `memedit bake` writes.
-    subspace.manifest |= {
-        "model": {"tensors": {key: {"sha256_before": before[key],
-                                    "sha256_after": tensor_sha256(param)}
-                              for key, param in params.items()}},
-        "layers": subspace.layer_counts(), "total": subspace.totals()}
-    model = work / "model"
-    pipe.save_pretrained(model, safe_serialization=True)
-    subspace.write_into(model / "memedit")
-    return model
+    return save_sanitized(pipe, masks, work / "model")
 
 
 def unet_inputs(model: Path):
@@ -111,7 +84,7 @@ def torch_fp16_step(model: Path, inputs, cuda: bool, repeats: int) -> dict:
         if cuda:
             torch.cuda.synchronize()
         return out
-    first, median = _median(step, repeats)
+    first, median = first_and_median(step, repeats)
     reference = step().float().cpu().numpy()
     return {"row": {"device": device, "dtype": str(dtype), "first_call_s": first,
                     "unet_step_s": median}, "reference": reference.astype(np.float32)}
@@ -138,7 +111,7 @@ def ort_step(folder: Path, provider: str, inputs, reference, repeats: int, threa
     def step():
         return np.asarray(pipe.unet(sample=sample, timestep=timestep,
                                     encoder_hidden_states=hidden).sample)
-    first, median = _median(step, repeats)
+    first, median = first_and_median(step, repeats)
     out = step().astype(np.float32)
     diff = np.abs(out - reference)
     return {"provider": choice.label, "reason": choice.reason, "load_s": load,
