@@ -38,10 +38,18 @@ class UserError(click.ClickException):
     exit_code = EXIT_USER_ERROR
 
 
+class _NoticeFormatter(logging.Formatter):
+    """``memedit: message``; a warning says that it is one (``memedit: warning: ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        kind = "warning: " if record.levelno >= logging.WARNING else ""
+        return f"memedit: {kind}{record.getMessage()}"
+
+
 def configure_console(verbose: bool) -> None:
     """memedit's own notices always reach stderr; third-party warnings only with --verbose."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("memedit: %(message)s"))
+    handler.setFormatter(_NoticeFormatter())
     memedit_log = logging.getLogger("memedit")
     memedit_log.handlers[:] = [handler]
     memedit_log.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -419,7 +419,7 @@ def test_generate_warns_when_the_export_is_not_vouched_for(export_copy, tmp_path
     with untouched(export_copy):
         result = run("generate", "--onnx", export_copy, "a cat", "--steps", "1", "--out",
                      tmp_path / "cat.png", "--threads", "1")
-    expect(result, 0, "Warning:", needle, "memedit verify-onnx")
+    expect(result, 0, "memedit: warning:", needle, "memedit verify-onnx")
     assert (tmp_path / "cat.png").is_file()
 
 
