@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memedit.errors import MemeditError
+from memedit.hub import HubPush, check_push, push_output
 from memedit.subspace import MANIFEST_FILE, Subspace
 from memedit.weights import read_tensors, tensor_sha256
 
@@ -275,8 +277,10 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
                 options: ExportOptions | None = None, overwrite: bool = False,
                 subspace: str | os.PathLike | None = None, parity: bool = True,
                 thresholds: Thresholds | None = None, inputs: ParityInputs | None = None,
-                threads: int | None = None, allow_pickle: bool = False) -> VerifyReport:
-    """Export ``model`` to ``out`` with Optimum, then audit and check parity.
+                threads: int | None = None, allow_pickle: bool = False,
+                push_to_hub: HubPush | None = None) -> VerifyReport:
+    """Export ``model`` to ``out`` with Optimum, then audit and check parity; with
+    ``push_to_hub``, upload the folder when its verdict is PASSED (checked before any work).
 
     The subspace to audit is ``subspace`` if given, else the one a memedit-baked model
     carries in ``memedit/``; a model without one is exported without an audit (said so in the
@@ -289,6 +293,8 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
     from memedit.outputs import atomic_output_dir, check_output
 
     options = options or ExportOptions()
+    if push_to_hub is not None:
+        check_push(push_to_hub)
     source = resolve_model(model, allow_pickle)
     check_output(out, overwrite, [source.path, subspace])  # fail before the slow part
     provider = _parity_provider(options, parity)
@@ -328,6 +334,12 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike,
                            "subspace": str(subspace) if subspace else (
                                "carried by the model" if carried else None)}
                      | {"report": report.to_dict()})
+    if report.verdict == "PASSED":
+        push_output(out, push_to_hub)
+    elif push_to_hub is not None:
+        logging.getLogger("memedit").warning(
+            "%s was not pushed to %s: its verdict is %s.", out, push_to_hub.repo_id,
+            report.verdict)
     return report
 
 

@@ -133,7 +133,7 @@ def _run_checked(action, as_json: bool):
 @_threshold_options
 def export_command(model, out, overwrite, subspace, opset, dtype, fp16, optimize, keep_fp32,
                    quantize, parity, optimum_validation, allow_pickle, as_json, threads,
-                   **kwargs):
+                   push_to_hub, **kwargs):
     """Export MODEL_DIR to ONNX with Optimum, audit the zeroed weights, check parity.
 
     Exit status: 0 passed; 1 audit or parity failed (nothing written); 2 user error; 3
@@ -152,7 +152,8 @@ def export_command(model, out, overwrite, subspace, opset, dtype, fp16, optimize
                             keep_fp32=tuple(keep_fp32), quantize=quantize)
     thresholds, inputs = _parity_args(kwargs, default_thresholds(dtype, quantize))
     _run_checked(lambda: export_onnx(model, out, options, overwrite, subspace, parity,
-                                     thresholds, inputs, threads, allow_pickle), as_json)
+                                     thresholds, inputs, threads, allow_pickle, push_to_hub),
+                 as_json)
 
 
 @click.command("verify-onnx")

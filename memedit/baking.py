@@ -23,6 +23,7 @@ from memedit.artifacts import PROVENANCE_DIR, PROVENANCE_FILE, VERSION
 from memedit.card import source_record, write_card
 from memedit.errors import MemeditError
 from memedit.families import FAMILIES, family_of_folder
+from memedit.hub import HubPush, check_push, push_output
 from memedit.loading import ModelSource, resolve_model
 from memedit.outputs import Inputs, atomic_output_dir, check_output, input_paths
 from memedit.subspace import Subspace, model_identity
@@ -37,6 +38,7 @@ class BakeResult:
     files: list[str] = field(default_factory=list)
     already_sanitized: bool = False
     subspace: Subspace | None = field(default=None, repr=False)  # the one baked in
+    pushed: str | None = None  # the hub URL, with push_to_hub
 
 
 def check_model_matches(source: ModelSource, subspace: Subspace,
@@ -143,14 +145,17 @@ def _copy_tree(source: Path, target: Path, progress: bool) -> None:
 
 def bake(model: str | os.PathLike | None, subspace: Subspace, out: str | os.PathLike,
          overwrite: bool = False, allow_pickle: bool = False, progress: bool = True,
-         inputs: Inputs = None) -> BakeResult | None:
+         inputs: Inputs = None, push_to_hub: HubPush | None = None) -> BakeResult | None:
     """Write ``model`` with ``subspace`` zeroed to the new pipeline folder ``out``.
 
     ``inputs`` are further paths the output must not touch (the subspace's folder, prompt
     files); the source model is always one. Under several processes (``accelerate launch``)
     only the main one bakes (reads, copies and rewrites the model); the others return None at
-    once, as :func:`memedit.locate_and_bake` does.
+    once, as :func:`memedit.locate_and_bake` does. With ``push_to_hub`` the written model is
+    uploaded too (checked before any work: refused offline or without a token).
     """
+    if push_to_hub is not None:
+        check_push(push_to_hub)
     if not distributed.state().is_main:
         return None
     source = resolve_model(model, allow_pickle)
@@ -189,4 +194,5 @@ def bake(model: str | os.PathLike | None, subspace: Subspace, out: str | os.Path
         (tmp / PROVENANCE_DIR / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         write_card(tmp, subspace.manifest, source)  # README.md; the source's card is kept
         files = [str(p.relative_to(tmp)) for p in written]
-    return BakeResult(Path(out), source.spec, subspace.num_selected, files, already, subspace)
+    return BakeResult(Path(out), source.spec, subspace.num_selected, files, already, subspace,
+                      push_output(out, push_to_hub))

@@ -414,13 +414,13 @@ def locate_command(out: Path, as_json: bool, **opts) -> None:
               help="Folder to write the sanitized pipeline to.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def locate_and_bake_command(out: Path, as_json: bool, **opts) -> None:
+def locate_and_bake_command(out: Path, as_json: bool, push_to_hub, **opts) -> None:
     """Locate the subspace and write the model with it zeroed, in one go."""
     from memedit.locate import locate_and_bake
 
     with _held_outputs(out, opts):
         pipe, source, options = _locate(opts)
-        result = locate_and_bake(pipe, out, source=source, **options)
+        result = locate_and_bake(pipe, out, source=source, push_to_hub=push_to_hub, **options)
     if result is None:
         return  # the main process bakes (a copy of the model) and reports
     subspace = result.subspace
@@ -442,13 +442,13 @@ def locate_and_bake_command(out: Path, as_json: bool, **opts) -> None:
 @click.option("--allow-pickle", is_flag=True, help="Also read pickled checkpoints.")
 @click.option("--json", "as_json", is_flag=True)
 def bake_command(model: str | None, subspace: Path, out: Path, overwrite: bool,
-                 allow_pickle: bool, as_json: bool) -> None:
+                 allow_pickle: bool, as_json: bool, push_to_hub) -> None:
     """Zero a saved subspace in a model and write the sanitized pipeline folder."""
     from memedit.baking import bake
     from memedit.subspace import Subspace
 
     result = bake(model, Subspace.load(subspace), out, overwrite, allow_pickle,
-                  inputs=[subspace])
+                  inputs=[subspace], push_to_hub=push_to_hub)
     if result is None:
         return  # another process of a launched run: the main one baked
     data = {"sanitized_model": str(result.path), "source": result.source,

@@ -11,6 +11,7 @@ is complete: ``bake`` and ``export`` return normally only for an output that pas
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,14 @@ def check_push(push: HubPush) -> str:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
+    from memedit.distributed import launched
+
+    if launched():
+        raise MemeditError(
+            "--push-to-hub under a launcher of several processes: the others would wait on "
+            "the upload past their timeout.",
+            "Push the output afterwards: memedit.hub.push_folder, or "
+            "`huggingface-cli upload REPO FOLDER`.")
     if constants.HF_HUB_OFFLINE:
         raise MemeditError(f"--push-to-hub {push.repo_id}: HF_HUB_OFFLINE is set, so nothing "
                            "can be pushed; nothing was written.",
@@ -96,6 +105,16 @@ def push_folder(folder: str | os.PathLike, push: HubPush) -> str:
     return str(url)
 
 
+def push_output(folder: str | os.PathLike, push: HubPush | None) -> str | None:
+    """After a command's API call wrote and checked ``folder``: push it when asked (see
+    :func:`push_folder`), say where it went, and return the URL (None when not asked)."""
+    if push is None:
+        return None
+    url = push_folder(folder, push)
+    logging.getLogger("memedit").info("Pushed %s to %s", folder, url)
+    return url
+
+
 # --------------------------------------------------------------------- command-line options
 
 
@@ -130,10 +149,11 @@ def model_hub_options(param: str = "model"):
     return decorate
 
 
-def push_options(model_param: str = "model", out_param: str = "out"):
-    """``--push-to-hub REPO`` and ``--private``: checked before the command runs, pushed after
-    it returns (an output it wrote and checked). Put it above :func:`model_hub_options`: it
-    shares that ``--token``, which a local model does not take for itself."""
+def push_options(model_param: str = "model"):
+    """``--push-to-hub REPO`` and ``--private``, checked before the command runs and passed
+    to it as ``push_to_hub`` (a :class:`HubPush`), which its API call pushes with once the
+    output is written and checked. Put it above :func:`model_hub_options`: it shares that
+    ``--token``, which a local model does not take for itself."""
     def decorate(func):
         @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO",
                       help="Then upload the output to this hub repository (created if "
@@ -146,23 +166,13 @@ def push_options(model_param: str = "model", out_param: str = "out"):
                 if private:
                     raise MemeditError("--private applies to --push-to-hub, which is not given.",
                                        "Add --push-to-hub REPO, or drop --private.")
-                return func(*args, **kwargs)
-            from memedit.distributed import launched
-
-            if launched():
-                raise MemeditError(
-                    "--push-to-hub under a launcher of several processes: the others would "
-                    "wait on the upload past their timeout.",
-                    "Push the output afterwards: memedit.hub.push_folder, or "
-                    "`huggingface-cli upload REPO FOLDER`.")
+                return func(*args, push_to_hub=None, **kwargs)
             push = HubPush(push_to_hub, private, kwargs.get("token"))
-            check_push(push)
+            check_push(push)  # before the model is resolved (a hub model downloads)
             model = kwargs.get(model_param)
             if model is None or Path(os.fspath(model)).expanduser().exists():
                 kwargs["token"] = None  # the push's token; a local model needs none
-            func(*args, **kwargs)
-            url = push_folder(kwargs[out_param], push)
-            click.echo(f"Pushed {kwargs[out_param]} to {url}", err=True)
+            return func(*args, push_to_hub=push, **kwargs)
 
         return wrapper
 

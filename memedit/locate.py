@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from memedit.baking import BakeResult
     from memedit.calibration import CalibrationConfig
     from memedit.hardening import HardenConfig
+    from memedit.hub import HubPush
 
 
 @dataclass(frozen=True)
@@ -403,20 +404,24 @@ def locate_and_bake(pipe, out: str | os.PathLike, memorized: PromptSet | None = 
                     reference: PromptSet | None = None, config: LocateConfig | None = None,
                     source: ModelSource | None = None, *, overwrite: bool = False,
                     inputs: Inputs = None, progress: bool = True,
-                    **options) -> BakeResult | None:
+                    push_to_hub: HubPush | None = None, **options) -> BakeResult | None:
     """Locate the subspace of ``pipe`` and write its model (``source``, the files ``pipe``
     was loaded from) with it zeroed to ``out``, as ``memedit locate-and-bake`` does.
 
     ``out`` (and ``save_stats``) are checked and locked before the sampling, not after it;
     ``options`` are :func:`locate`'s. Returns :func:`memedit.bake`'s result (its
     ``subspace`` is the one located); under several processes (``accelerate launch``) all of
-    them locate, the main one bakes, and the others return None."""
+    them locate, the main one bakes, and the others return None. With ``push_to_hub`` the
+    model is uploaded once written (checked before the sampling)."""
     from memedit.baking import bake
+    from memedit.hub import check_push
 
     if source is None:
         raise MemeditError("locate-and-bake writes the model's files, and an in-memory "
                            "pipeline has none.",
                            "Load the pipeline with memedit.load_pipeline and pass its source.")
+    if push_to_hub is not None:
+        check_push(push_to_hub)
     protected = [source.path, *stats_files(options.get("memorized_stats")),
                  *stats_files(options.get("reference_stats")), *input_paths(inputs)]
     with contextlib.ExitStack() as stack:
@@ -428,4 +433,4 @@ def locate_and_bake(pipe, out: str | os.PathLike, memorized: PromptSet | None = 
         if not distributed.state().is_main:
             return None
         return bake(source, subspace, out, overwrite, source.allow_pickle, progress,
-                    inputs=protected)
+                    inputs=protected, push_to_hub=push_to_hub)

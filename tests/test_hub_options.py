@@ -262,3 +262,34 @@ def test_update_card_is_refused_before_a_hub_model_downloads(hub, command, tmp_p
     assert "will not update the card of" in result.output and "not a local folder" in \
         result.output
     assert hub == [] and not (tmp_path / "out").exists()
+
+
+def test_the_api_pushes_as_the_command_does(online, tiny_model_dir, subspace_dir, tmp_path,
+                                            monkeypatch):
+    """memedit.bake(..., push_to_hub=HubPush(...)) is `bake --push-to-hub`: refused before any
+    work without a token, uploaded once written, the URL returned."""
+    from huggingface_hub import HfApi
+
+    from memedit.subspace import Subspace
+
+    subspace = Subspace.load(subspace_dir)
+    with pytest.raises(MemeditError, match="no Hugging Face token"):
+        memedit.bake(tiny_model_dir, subspace, tmp_path / "refused",
+                     push_to_hub=HubPush("me/sanitized"))
+    assert not (tmp_path / "refused").exists()
+    uploaded = []
+    monkeypatch.setattr(HfApi, "create_repo",
+                        lambda self, repo_id, **_: f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder",
+                        lambda self, *, folder_path, **_: uploaded.append(Path(folder_path)))
+    result = memedit.bake(tiny_model_dir, subspace, tmp_path / "out",
+                          push_to_hub=HubPush("me/sanitized", token="t"))
+    assert result.pushed == "https://huggingface.co/me/sanitized"
+    assert uploaded == [tmp_path / "out"]
+
+
+def test_push_is_refused_under_a_launcher(online, monkeypatch):
+    """Under several processes the others would wait on the upload past their timeout."""
+    monkeypatch.setattr("memedit.distributed.launched", lambda: True)
+    with pytest.raises(MemeditError, match="launcher of several processes"):
+        check_push(HubPush("me/x", token="t"))
